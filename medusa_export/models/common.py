@@ -1,0 +1,110 @@
+"""Pieces shared by the explicit family files: the decoder config, RoPE, RMSNorm and tree-masked attention.
+
+Shape legend: B batch, T new tokens (prompt at prefill, tree nodes at verify), P cached tokens,
+S = P + T, H query heads, KV key/value heads, D head_dim, C hidden size.
+The KV cache crosses the graph boundary as [B, P, KV, D] per layer (sequence-major, so that for B=1 the
+runtime binds a prefix of its preallocated buffer as `past` and writes new rows with one contiguous copy).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """What the exporter, the runtime sidecar and the reference decoder need to know about a base model."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None  # None: no sliding-window layer
+    sliding_layers: tuple[bool, ...]  # per layer: does it use the sliding-window mask
+    final_logit_softcap: float | None = None
+
+    @property
+    def has_sliding(self) -> bool:
+        return any(self.sliding_layers)
+
+
+def empty_past(cfg: DecoderConfig, batch: int, dtype, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    shape = (batch, 0, cfg.num_kv_heads, cfg.head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device),) * 2 for _ in range(cfg.num_layers)]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm in float32. Llama casts before scaling by w; Gemma scales by (1 + w) in float32 then casts."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (xf * (offset + weight.float())).to(x.dtype)
+    return weight * xf.to(x.dtype)
+
+
+def rope(position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype) -> tuple[torch.Tensor, ...]:
+    """cos, sin [B, T, 1, D] for explicit (tree) positions."""
+    freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, h, D] rotated by the half-split convention of Hugging Face."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Grouped-query attention with an additive mask, without repeating K/V.
+
+    q [B, T, H, D]; k, v [B, S, KV, D]; mask [B, 1, T, S] float32 (0 or a large negative).
+    Returns [B, T, H*D]. Softmax in float32, as transformers' eager path does.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, t, kv, g, d).permute(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+    kt = k.permute(0, 2, 3, 1)[:, :, None]  # [B, KV, 1, D, S]
+    scores = torch.matmul(qg, kt) * scaling  # [B, KV, G, T, S]
+    probs = F.softmax(scores.float() + mask[:, :, None], dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3)[:, :, None])  # [B, KV, G, T, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, t, h * d)
+
+
+class ExplicitDecoder(nn.Module):
+    """Interface of the family files: hidden states and new KV for T tokens given explicit positions/masks."""
+
+    cfg: DecoderConfig
+
+    @abstractmethod
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T] int64
+        position_ids: torch.Tensor,  # [B, T] int64
+        attention_mask: torch.Tensor,  # [B, 1, T, S] float32 additive
+        sliding_mask: torch.Tensor | None,  # [B, 1, T, S] float32 additive, for sliding-window layers
+        past: list[tuple[torch.Tensor, torch.Tensor]],  # per layer [B, P, KV, D]
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:  # [B, T, C] final-normed, new KV
+        """Run the decoder layers; return final-normed hidden states and this call's keys/values."""
+
+    @abstractmethod
+    def lm_head_weight(self) -> torch.Tensor:  # [V, C]
+        """The (possibly tied) vocabulary projection."""
+
+    def project(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocabulary logits of final-normed hidden states, with the family's logit soft-capping."""
+        logits = torch.matmul(hidden, (self.lm_head_weight() if weight is None else weight).t())
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

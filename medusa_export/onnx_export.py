@@ -1,0 +1,254 @@
+"""`medusa-export onnx`: trace base model + Medusa heads into an artifact folder.
+
+The artifact (the file contract every later stage reads):
+  model.onnx (+ model.onnx.data)  the graph of medusa_runtime.contract
+  kv_commit.onnx                   gathers a step's accepted KV rows into the runtime's cache, on device
+  tokenizer.json                   so that the runtime needs only `tokenizers`
+  artifact.json                    the sidecar: model/heads config, dtype, max_seq, I/O contract, trees, versions
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from medusa_runtime import contract
+from medusa_runtime.artifact import SIDECAR, Artifact
+from medusa_runtime.errors import MedusaError
+from medusa_runtime.tree import build_tree, load_choices
+
+from .fsutil import atomic_dir
+from .progress import stage
+
+ONNX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+TREE_DIR = Path(__file__).resolve().parent.parent / "configs" / "trees"
+DEFAULT_TREES = ("chain1", "chain2", "chain3", "chain4", "tree4", "tree8", "tree16", "mc_sim_7b_63")
+
+
+def export_onnx(
+    model: str,
+    heads: str,
+    out: Path,
+    dtype: str = "fp32",
+    max_seq: int = 2048,
+    opset: int = 18,
+    trees: list[str] | None = None,
+    default_tree: str | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Export MODEL + HEADS to the artifact folder `out` (written atomically). Returns `out`."""
+    import torch
+
+    from .graph import MedusaGraph
+    from .heads import resolve_heads
+    from .models import explicit_model, load_base
+    from .models.source import torch_dtype_of
+
+    if dtype not in ONNX_DTYPES:
+        raise MedusaError(f"unknown dtype {dtype!r}: use one of {', '.join(ONNX_DTYPES)}")
+    if max_seq < 16:
+        raise MedusaError(f"--max-seq {max_seq} is too small (at least 16)")
+    out = Path(out)
+    with stage(f"loading {model}", quiet):
+        base = load_base(model, dtype)
+        decoder = explicit_model(base)
+        cfg = decoder.cfg
+        med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
+    served = _served_trees(trees, med.num_heads)
+    if not served:
+        raise MedusaError(f"no tree fits {med.num_heads} heads: give --tree with a shallower tree")
+    topk = max(1, max(build_tree(c).topk for c in served.values()))
+    topk = min(topk, cfg.vocab_size)
+    default_tree = default_tree or _largest(served, limit=16)
+    if default_tree not in served:
+        raise MedusaError(f"default tree {default_tree!r} is not among the exported trees {sorted(served)}")
+
+    kv_dtype = ONNX_DTYPES[dtype]
+    inputs = contract.graph_inputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, cfg.has_sliding)
+    outputs = contract.graph_outputs(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, med.num_heads, cfg.vocab_size, topk
+    )
+    graph = MedusaGraph(decoder, med, topk).eval()
+    with atomic_dir(out) as tmp:
+        with stage(f"tracing {cfg.family} ({cfg.num_layers} layers) + {med.num_heads} heads to ONNX", quiet):
+            _trace(graph, inputs, outputs, tmp / "model.onnx", opset, torch_dtype_of(dtype))
+        with stage("checking the graph (onnx.checker, shape inference)", quiet):
+            _check(tmp / "model.onnx", inputs, outputs)
+            _write_commit_graph(tmp / "kv_commit.onnx", cfg.num_layers, kv_dtype, cfg.num_kv_heads, cfg.head_dim)
+        base.tokenizer.save(str(tmp / "tokenizer.json"))
+        sidecar = {
+            "format": Artifact.FORMAT,
+            "model": {"name": model, **_model_json(cfg)},
+            "medusa": {
+                "heads": heads,
+                "num_heads": med.num_heads,
+                "num_layers": med.num_layers,
+                "shared_lm_head": med.shared_lm_head,
+                "topk": topk,
+            },
+            "dtype": dtype,
+            "max_seq": max_seq,
+            "io": {"inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs]},
+            "files": {"model": "model.onnx", "commit": "kv_commit.onnx", "tokenizer": "tokenizer.json"},
+            "external_data": sorted(p.name for p in tmp.glob("model.onnx?*")),
+            "tokenizer": {"bos_token_id": base.bos_token_id, "eos_token_ids": base.eos_token_ids},
+            "trees": {name: [list(p) for p in choices] for name, choices in served.items()},
+            "default_tree": default_tree,
+            "versions": _versions(opset),
+        }
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
+        Artifact.load(tmp)  # the runtime's own checks, before the folder becomes visible
+    return out
+
+
+def _served_trees(names: list[str] | None, num_heads: int) -> dict[str, list]:
+    served = {}
+    for spec in names or DEFAULT_TREES:
+        name, choices = load_choices(spec, [TREE_DIR])
+        if build_tree(choices).depth <= num_heads:
+            served[name] = choices
+        elif names:
+            raise MedusaError(f"tree {name!r} needs {build_tree(choices).depth} heads, the heads have {num_heads}")
+    return served
+
+
+def _largest(served: dict[str, list], limit: int) -> str:
+    fitting = [(build_tree(c).num_nodes, n) for n, c in served.items() if build_tree(c).num_nodes <= limit]
+    return max(fitting)[1] if fitting else min((build_tree(c).num_nodes, n) for n, c in served.items())[1]
+
+
+def _model_json(cfg) -> dict:
+    return {
+        "family": cfg.family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "sliding_window": cfg.sliding_window,
+        "sliding_layers": list(cfg.sliding_layers),
+    }
+
+
+def sample_inputs(graph, inputs, torch_dtype, tokens=3, past=5, rows=2):
+    """Tracing inputs at shapes that specialise nothing (no 0/1 sizes)."""
+    import torch
+
+    sizes = {"batch": 2, "tokens": tokens, "past": past, "total": past + tokens, "rows": rows}
+    args = []
+    for s in inputs:
+        shape = [sizes.get(d, d) for d in s.shape]
+        if s.name == "output_rows":
+            args.append(torch.arange(rows, dtype=torch.int64))
+        elif s.dtype == "int64":
+            args.append(torch.randint(0, 8, shape, dtype=torch.int64))
+        elif s.dtype == "float32":
+            args.append(torch.zeros(shape, dtype=torch.float32))
+        else:
+            args.append(torch.randn(shape).to(torch_dtype))
+    return tuple(args)
+
+
+def _trace(graph, inputs, outputs, path: Path, opset: int, torch_dtype) -> None:
+    import torch
+
+    args = sample_inputs(graph, inputs, torch_dtype)
+    dims = {}
+    for s in inputs:
+        dims[s.name] = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(s.shape) if isinstance(d, str)}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=[s.name for s in inputs],
+            output_names=[s.name for s in outputs],
+            dynamic_shapes=_shapes_for_signature([dims[s.name] for s in inputs]),
+            optimize=True,
+            verbose=False,
+        )
+    _rename_dims(program.model, inputs, outputs)
+    program.save(str(path), external_data=True)
+
+
+def _shapes_for_signature(dims: list) -> tuple:
+    """MedusaGraph.forward(input_ids, position_ids, attention_mask, *rest): torch.export wants that nesting."""
+    return (*dims[:3], tuple(dims[3:]))
+
+
+def _rename_dims(model, inputs, outputs) -> None:
+    """Give every symbolic dim the contract's name (the exporter invents s0, s1, 's0 + s1', ...)."""
+    import onnx_ir as ir
+
+    rename = {}
+    values = {v.name: v for v in [*model.graph.inputs, *model.graph.outputs]}
+    for spec in [*inputs, *outputs]:
+        shape = values[spec.name].shape
+        for i, d in enumerate(spec.shape):
+            if isinstance(d, str) and shape is not None and not isinstance(shape[i], int):
+                rename.setdefault(str(shape[i]), d)
+    for value in _all_values(model.graph):
+        if value.shape is None:
+            continue
+        dims = [ir.SymbolicDim(rename.get(str(d), str(d))) if not isinstance(d, int) else d for d in value.shape]
+        value.shape = ir.Shape(dims)
+    for spec in [*inputs, *outputs]:  # the contract wins over whatever the exporter inferred
+        values[spec.name].shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in spec.shape])
+
+
+def _all_values(graph):
+    seen = {id(v): v for v in [*graph.inputs, *graph.outputs]}
+    for node in graph:
+        for v in node.outputs:
+            seen.setdefault(id(v), v)
+    return seen.values()
+
+
+def _check(path: Path, inputs, outputs) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=False)
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
+    names_in = [i.name for i in model.graph.input]
+    names_out = [o.name for o in model.graph.output]
+    if names_in != [s.name for s in inputs] or names_out != [s.name for s in outputs]:
+        raise MedusaError(f"exported graph I/O {names_in} -> {names_out} does not match the contract")
+
+
+def _write_commit_graph(path: Path, num_layers: int, kv_dtype: str, kv_heads: int, head_dim: int) -> None:
+    """kept_*.i = Gather(present_*.i, rows, axis=1) for every layer: one small device-side run per step."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[kv_dtype]
+    src, dst = contract.commit_names(num_layers)
+    rows = helper.make_tensor_value_info(contract.COMMIT_ROWS, TensorProto.INT64, ["kept"])
+    ins = [helper.make_tensor_value_info(n, elem, ["batch", "tokens", kv_heads, head_dim]) for n in src]
+    outs = [helper.make_tensor_value_info(n, elem, ["batch", "kept", kv_heads, head_dim]) for n in dst]
+    nodes = [helper.make_node("Gather", [s, contract.COMMIT_ROWS], [d], axis=1) for s, d in zip(src, dst)]
+    graph = helper.make_graph(nodes, "kv_commit", [rows, *ins], outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="medusa-export")
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def _versions(opset: int) -> dict:
+    import onnx
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "medusa_export": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "opset": opset,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,80 @@
+"""The Medusa draft-verify loop as small named steps over any Backend.
+
+prefill -> [draft (heads' top-k at the accepted row) -> candidates (tree) -> verify (one forward)
+-> accept (greedy | typical) -> commit (keep the accepted path's KV)] ... Plain autoregressive
+decoding is the same loop with the root-only tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .acceptance import Greedy
+from .backends.base import Backend, StepOutput
+from .masks import causal, step_masks
+from .tree import TreeBuffers
+
+# A drafter may replace the heads' proposals (tests use an oracle): (context ids, heads' top-k [K, k]) -> [K, k]
+Drafter = Callable[[list[int], np.ndarray], np.ndarray]
+
+
+@dataclass
+class Step:
+    tokens: list[int]  # emitted by this step (accepted candidates + the base model's next token)
+    path: tuple[int, ...]  # ranks of the accepted candidates (the tree choice), () when none
+
+
+def prefill(backend: Backend, prompt: list[int], window: int | None) -> StepOutput:
+    backend.reset()
+    t = len(prompt)
+    positions = np.arange(t, dtype=np.int64)
+    masks = step_masks(0, positions, causal(t), window)
+    return backend.forward(np.asarray(prompt, dtype=np.int64), positions, masks, np.array([t - 1]), keep_all=True)
+
+
+def candidates(tree: TreeBuffers, root_token: int, draft: np.ndarray) -> np.ndarray:
+    """Token of every tree node [N]: the root, then each node's rank in its head's top-k."""
+    flat = np.concatenate(([root_token], draft[:, : tree.topk].reshape(-1))) if tree.topk else np.array([root_token])
+    return flat[tree.tree_indices].astype(np.int64)
+
+
+def verify(backend: Backend, tree: TreeBuffers, cand: np.ndarray, window: int | None) -> StepOutput:
+    positions = backend.length + tree.position_ids
+    masks = step_masks(backend.length, positions, tree.attention_mask, window)
+    plain = tree.num_nodes == 1
+    return backend.forward(cand, positions, masks, np.arange(tree.num_nodes), keep_all=plain)
+
+
+def decode(
+    backend: Backend,
+    prompt: list[int],
+    tree: TreeBuffers,
+    window: int | None,
+    acceptance=Greedy(),
+    drafter: Drafter | None = None,
+    seed: int = 0,
+) -> Iterator[Step]:
+    """Yields one Step per forward, forever: the caller stops at EOS, a token budget or a stop string."""
+    rng = np.random.default_rng(seed)
+    out = prefill(backend, prompt, window)
+    token = int(out.next_tokens[-1])
+    draft = out.medusa_topk[:, -1]
+    context = [*prompt, token]
+    yield Step([token], ())
+    while True:
+        if drafter is not None:
+            draft = drafter(context, draft)
+        cand = candidates(tree, token, draft)
+        out = verify(backend, tree, cand, window)
+        nodes = acceptance.accept(tree, cand, out.next_tokens, backend.logits)
+        if tree.num_nodes > 1:
+            backend.commit(nodes)
+        last = int(nodes[-1])
+        token = acceptance.next_token(last, out.next_tokens, backend.logits, rng)
+        emitted = [int(t) for t in cand[nodes[1:]]] + [token]
+        draft = out.medusa_topk[:, last]
+        context += emitted
+        yield Step(emitted, tree.choices[last - 1] if last else ())

@@ -1,0 +1,263 @@
+"""Medusa sparse candidate trees: validation, buffers for tree attention, presets and greedy construction.
+
+A tree is given as "medusa choices": a list of paths, each path a list of top-k ranks, one per head depth
+(``[0, 1]`` = rank-0 token of head 0, then rank-1 token of head 1). Node 0 is the root, the token chosen by
+the base model; node ``i >= 1`` is the ``i-1``-th path in sorted order (by depth, then lexicographically).
+Pure numpy + stdlib, so the runtime imports without torch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MedusaError
+
+TreePath = tuple[int, ...]
+
+
+class TreeError(MedusaError):
+    """An invalid tree, tree preset or rank-accuracy file."""
+
+
+def _fmt(path: Any) -> str:
+    return str(list(path)) if isinstance(path, (list, tuple)) else repr(path)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _sort_key(path: TreePath) -> tuple[int, TreePath]:
+    return len(path), path
+
+
+def validate_choices(choices: Any, num_heads: int | None = None, topk: int | None = None) -> list[TreePath]:
+    """Check a list of paths and return it (same order) as tuples; an empty list means root only.
+
+    Raises TreeError naming the first bad path: not a list of ints, empty, negative rank, deeper than
+    ``num_heads``, rank >= ``topk``, duplicated, or missing its parent path.
+    """
+    if not isinstance(choices, (list, tuple)):
+        raise TreeError(f"medusa choices must be a list of paths, got {type(choices).__name__}")
+    paths: list[TreePath] = []
+    for raw in choices:
+        if not isinstance(raw, (list, tuple)) or not all(_is_int(r) for r in raw):
+            raise TreeError(f"medusa choice {raw!r} is not a list of integer ranks")
+        path = tuple(int(r) for r in raw)
+        if not path:
+            raise TreeError("medusa choice [] is empty: every path needs at least one rank")
+        if min(path) < 0:
+            raise TreeError(f"medusa choice {_fmt(path)} has a negative rank")
+        if num_heads is not None and len(path) > num_heads:
+            raise TreeError(f"medusa choice {_fmt(path)} has depth {len(path)} > {num_heads} heads")
+        if topk is not None and max(path) >= topk:
+            raise TreeError(f"medusa choice {_fmt(path)} uses rank {max(path)} but top-k is {topk}")
+        paths.append(path)
+    seen: set[TreePath] = set()
+    for path in paths:
+        if path in seen:
+            raise TreeError(f"medusa choice {_fmt(path)} appears more than once")
+        seen.add(path)
+    for path in paths:
+        if len(path) > 1 and path[:-1] not in seen:
+            raise TreeError(f"medusa choice {_fmt(path)} has no parent path {_fmt(path[:-1])}")
+    return paths
+
+
+@dataclass(frozen=True, eq=False)
+class TreeBuffers:
+    """Static buffers for verifying a candidate tree in one forward pass (arrays are int64 and read-only).
+
+    ``tree_indices`` index the flat candidate vector ``concat([root], topk_ids[0], topk_ids[1], ...)`` where
+    ``topk_ids[d]`` holds head d's top-``topk`` token ids.
+    """
+
+    choices: tuple[TreePath, ...]  # sorted paths; node i >= 1 is choices[i - 1]
+    num_nodes: int  # root included
+    depth: int  # longest path; also the number of heads needed
+    num_leaves: int
+    topk: int  # max rank + 1 (0 for root only)
+    parents: np.ndarray  # [N], root -1
+    attention_mask: np.ndarray  # [N, N] bool: i attends j iff j is i or an ancestor of i
+    position_ids: np.ndarray  # [N], depth of each node (root 0)
+    tree_indices: np.ndarray  # [N]
+    retrieve_indices: np.ndarray  # [num_leaves, depth + 1], node indices root -> leaf, padded with -1
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-serializable description of the tree (the mask as 0/1)."""
+        return {
+            "num_nodes": self.num_nodes,
+            "depth": self.depth,
+            "num_leaves": self.num_leaves,
+            "topk": self.topk,
+            "choices": [list(p) for p in self.choices],
+            "parents": self.parents.tolist(),
+            "attention_mask": self.attention_mask.astype(int).tolist(),
+            "position_ids": self.position_ids.tolist(),
+            "tree_indices": self.tree_indices.tolist(),
+            "retrieve_indices": self.retrieve_indices.tolist(),
+        }
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+def build_tree(choices: Any, num_heads: int | None = None, topk: int | None = None) -> TreeBuffers:
+    """Validate ``choices`` (see validate_choices) and build the tree-attention buffers."""
+    paths = sorted(validate_choices(choices, num_heads, topk), key=_sort_key)
+    index = {path: i for i, path in enumerate([(), *paths])}
+    num_nodes = len(index)
+    need_topk = max((max(p) for p in paths), default=-1) + 1
+    depth = max((len(p) for p in paths), default=0)
+
+    parents = np.array([-1] + [index[p[:-1]] for p in paths], dtype=np.int64)
+    position_ids = np.array([0] + [len(p) for p in paths], dtype=np.int64)
+    tree_indices = np.array([0] + [1 + (len(p) - 1) * need_topk + p[-1] for p in paths], dtype=np.int64)
+    mask = np.eye(num_nodes, dtype=bool)
+    for i in range(1, num_nodes):  # sorted by depth, so a parent's row is complete before its children's
+        mask[i] |= mask[parents[i]]
+
+    leaves = sorted(set(range(num_nodes)) - set(parents.tolist()))
+    retrieve = np.full((len(leaves), depth + 1), -1, dtype=np.int64)
+    for row, leaf in enumerate(leaves):
+        chain = np.flatnonzero(mask[leaf])  # ancestors and the leaf itself, root first
+        retrieve[row, : len(chain)] = chain
+
+    return TreeBuffers(
+        choices=tuple(paths),
+        num_nodes=num_nodes,
+        depth=depth,
+        num_leaves=len(leaves),
+        topk=need_topk,
+        parents=_frozen(parents),
+        attention_mask=_frozen(mask),
+        position_ids=_frozen(position_ids),
+        tree_indices=_frozen(tree_indices),
+        retrieve_indices=_frozen(retrieve),
+    )
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise TreeError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TreeError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def available_presets(search_dirs: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Sorted names of the ``*.json`` tree presets found in ``search_dirs``."""
+    return sorted({p.stem for d in search_dirs for p in Path(d).glob("*.json")})
+
+
+def load_choices(
+    spec: str | os.PathLike[str], search_dirs: Iterable[str | os.PathLike[str]] = ()
+) -> tuple[str, list[TreePath]]:
+    """Load a tree from a preset name (``<dir>/<name>.json`` in ``search_dirs``) or a JSON file path.
+
+    The file holds a list of paths or ``{"name": ..., "choices": [...], "description": ...}``.
+    Returns ``(name, validated choices)``; the name defaults to the file's stem.
+    """
+    search_dirs = list(search_dirs)
+    path = Path(spec)
+    is_file_spec = path.suffix == ".json" or path.is_file() or any(s in str(spec) for s in ("/", os.sep))
+    if not is_file_spec:
+        found = [Path(d) / f"{spec}.json" for d in search_dirs if (Path(d) / f"{spec}.json").is_file()]
+        if not found:
+            names = ", ".join(available_presets(search_dirs)) or "none"
+            raise TreeError(f"unknown tree preset {str(spec)!r}; available presets: {names}")
+        path = found[0]
+    data = _read_json(path, "tree file")
+    name: Any = path.stem
+    if isinstance(data, dict):
+        if "choices" not in data:
+            raise TreeError(f"tree file {path} has no 'choices' key")
+        name, data = data.get("name", name), data["choices"]
+        if not isinstance(name, str) or not name:
+            raise TreeError(f"tree file {path} has a 'name' that is not a non-empty string")
+    try:
+        return name, validate_choices(data)
+    except TreeError as exc:
+        raise TreeError(f"tree file {path}: {exc}") from None
+
+
+def _check_accuracy(rank_accuracy: Any) -> list[list[float]]:
+    """Validate per-head, per-rank accuracies: a non-empty list of non-empty lists of numbers in [0, 1]."""
+    if not isinstance(rank_accuracy, (list, tuple, np.ndarray)) or len(rank_accuracy) == 0:
+        raise TreeError("rank_accuracy must be a non-empty list (one list of rank accuracies per head)")
+    rows: list[list[float]] = []
+    for head, row in enumerate(rank_accuracy):
+        if not isinstance(row, (list, tuple, np.ndarray)) or len(row) == 0:
+            raise TreeError(f"rank_accuracy[{head}] must be a non-empty list of numbers")
+        for rank, value in enumerate(row):
+            ok = isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+            if not ok or not 0.0 <= float(value) <= 1.0:
+                raise TreeError(f"rank_accuracy[{head}][{rank}] = {value!r} is not a probability in [0, 1]")
+        rows.append([float(v) for v in row])
+    return rows
+
+
+def load_rank_accuracy(path: str | os.PathLike[str]) -> list[list[float]]:
+    """Read ``{"rank_accuracy": [[p_head0_rank0, ...], ...]}`` from a JSON file."""
+    data = _read_json(Path(path), "rank-accuracy file")
+    if not isinstance(data, dict) or "rank_accuracy" not in data:
+        raise TreeError(f"rank-accuracy file {path} must be a JSON object with a 'rank_accuracy' key")
+    try:
+        return _check_accuracy(data["rank_accuracy"])
+    except TreeError as exc:
+        raise TreeError(f"rank-accuracy file {path}: {exc}") from None
+
+
+def _path_value(path: Sequence[int], accuracy: list[list[float]]) -> float:
+    return math.prod(accuracy[d][r] for d, r in enumerate(path))
+
+
+def expected_accept_length(choices: Any, rank_accuracy: Any) -> float:
+    """Expected tokens accepted per step: 1 + sum over nodes of the product of their ranks' accuracies."""
+    accuracy = _check_accuracy(rank_accuracy)
+    paths = validate_choices(choices, num_heads=len(accuracy))
+    for path in paths:
+        if any(r >= len(accuracy[d]) for d, r in enumerate(path)):
+            raise TreeError(f"medusa choice {_fmt(path)} uses a rank with no accuracy in rank_accuracy")
+    return 1.0 + math.fsum(_path_value(p, accuracy) for p in paths)
+
+
+def tree_from_accuracy(rank_accuracy: Any, num_nodes: int) -> list[list[int]]:
+    """The Medusa paper's greedy sparse tree with ``num_nodes`` nodes (root included).
+
+    ``rank_accuracy[k][r]`` is the probability that head k's rank-r token is correct (not cumulative).
+    Repeatedly adds the child of an existing node with the highest path value (product of accuracies);
+    ties go to the shallower, then lexicographically smaller path. Paths are returned in the order added.
+    """
+    accuracy = _check_accuracy(rank_accuracy)
+    max_nodes = 1 + sum(math.prod(len(row) for row in accuracy[: d + 1]) for d in range(len(accuracy)))
+    if not _is_int(num_nodes) or not 1 <= num_nodes <= max_nodes:
+        raise TreeError(f"num_nodes must be an integer from 1 to {max_nodes} for these heads: {num_nodes!r}")
+
+    heap: list[tuple[float, int, TreePath]] = []
+
+    def push_children(path: TreePath, value: float) -> None:
+        if len(path) < len(accuracy):
+            for rank, acc in enumerate(accuracy[len(path)]):
+                child = (*path, rank)
+                heapq.heappush(heap, (-(value * acc), len(child), child))
+
+    push_children((), 1.0)
+    chosen: list[list[int]] = []
+    while len(chosen) < num_nodes - 1:
+        neg_value, _, path = heapq.heappop(heap)
+        chosen.append(list(path))
+        push_children(path, -neg_value)
+    return chosen
