@@ -13,7 +13,14 @@ from .artifact import Artifact
 from .backends import open_backend
 from .decode import Drafter, Step, decode
 from .errors import MedusaError
-from .tree import build_tree
+from .tree import TreeBuffers, build_tree
+
+
+def _pending(text: str, stop) -> int:
+    """How many trailing characters may still change: a partial UTF-8 sequence or a stop string's prefix."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
 
 
 @dataclass
@@ -36,27 +43,27 @@ class Result:
 
 
 class MedusaRuntime:
-    def __init__(
-        self,
-        folder: str | Path,
-        backend: str = "ort-cpu",
-        tree: str | None = None,
-        medusa: bool = True,
-        acceptance: Greedy | Typical = Greedy(),
-        backend_impl=None,
-        **backend_options,
-    ):
+    """A backend + tokenizer + tree: text in, text out. `MedusaRuntime.open(folder)` for an artifact."""
+
+    def __init__(self, backend, tokenizer, tree: TreeBuffers, eos_ids, window: int | None,
+                 acceptance: Greedy | Typical = Greedy(), tree_name: str = "", artifact: Artifact | None = None):
+        self.backend, self.tokenizer, self.tree, self.window = backend, tokenizer, tree, window
+        self.artifact = artifact
+        self.eos = set(eos_ids)
+        self.acceptance, self.tree_name = acceptance, tree_name
+
+    @classmethod
+    def open(cls, folder: str | Path, backend: str = "ort-cpu", tree: str | None = None, medusa: bool = True,
+             acceptance: Greedy | Typical = Greedy(), **backend_options) -> MedusaRuntime:
+        """Load an artifact folder (exported by `medusa-export onnx`) on one of the runtime backends."""
         from tokenizers import Tokenizer
 
-        self.artifact = Artifact.load(folder)
-        self.tree_name, self.tree = self.artifact.tree(tree) if medusa else ("plain", build_tree([]))
-        self.acceptance = acceptance
-        self.window = self.artifact.model["sliding_window"]
-        self.tokenizer = Tokenizer.from_file(str(self.artifact.path("tokenizer")))
-        self.eos = set(self.artifact.eos_token_ids)
-        self.backend = backend_impl or open_backend(
-            backend, self.artifact, max_nodes=max(self.tree.num_nodes, 1), **backend_options
-        )
+        artifact = Artifact.load(folder)
+        tree_name, buffers = artifact.tree(tree) if medusa else ("plain", build_tree([]))
+        impl = open_backend(backend, artifact, max_nodes=buffers.num_nodes, **backend_options)
+        tokenizer = Tokenizer.from_file(str(artifact.path("tokenizer")))
+        return cls(impl, tokenizer, buffers, artifact.eos_token_ids, artifact.model["sliding_window"],
+                   acceptance, tree_name, artifact)
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt).ids
@@ -80,19 +87,23 @@ class MedusaRuntime:
         """Yields text as tokens are accepted; stops at EOS, max_new_tokens or a stop string (not yielded)."""
         ids: list[int] = []
         sent = ""
+        self.last_stats = (0, 0)  # (tokens, steps) of the latest stream, for callers that report speed
         for step in self.steps(self.encode(prompt), max_new_tokens):
             ids += step.tokens
+            self.last_stats = (len(ids), self.last_stats[1] + 1)
             text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-                continue
             cut = min((text.find(s) for s in stop if s and s in text), default=-1)
             if cut >= 0:
-                text = text[:cut]
-            if len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
-            if cut >= 0:
+                if cut > len(sent):
+                    yield text[len(sent):cut]
                 return
+            safe = len(text) - _pending(text, stop)  # hold back a partial UTF-8 sequence or stop string
+            if safe > len(sent):
+                yield text[len(sent):safe]
+                sent = text[:safe]
+        text = self.tokenizer.decode(ids)
+        if len(text) > len(sent):
+            yield text[len(sent):]
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, drafter: Drafter | None = None) -> Result:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)

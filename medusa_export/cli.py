@@ -1,0 +1,185 @@
+"""`medusa-export`: thin typer commands over the library. Heavy imports happen inside the commands, so
+`--help` is instant. User errors print one line and exit 1; MEDUSA_DEBUG=1 shows the traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medusa_runtime.errors import MedusaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export a causal LM + Medusa heads to ONNX / TensorRT; run and validate the Medusa loop.")
+
+Heads = Annotated[str, typer.Option("--heads", help="heads folder (FasterDecoding format), built-in name, or random:K")]
+Tree = Annotated[str | None, typer.Option("--tree", help="tree preset name or JSON file (default: the artifact's)")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")]
+Backend = Annotated[str, typer.Option("--backend", help="torch | ort-cpu | ort-cuda | trt")]
+Prompts = Annotated[Path, typer.Option("--prompts", help="JSONL file: first of `turns`, or `prompt`")]
+Limit = Annotated[int | None, typer.Option("--limit", min=1, help="use only the first N prompts")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def onnx(
+    model: Annotated[str, typer.Argument(help="gemma3-270m, tiny-llama|tiny-qwen2|tiny-gemma3, HF folder, or .gguf")],
+    heads: Heads,
+    out: Annotated[Path, typer.Option("--out", help="artifact folder to write")],
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16")] = "fp32",
+    max_seq: Annotated[int, typer.Option("--max-seq", help="KV capacity (prompt + generated + tree)")] = 2048,
+    opset: Annotated[int, typer.Option("--opset")] = 18,
+    tree: Annotated[list[str] | None, typer.Option("--tree", help="trees to serve (repeatable; default: presets)")] = None,
+    default_tree: Annotated[str | None, typer.Option("--default-tree")] = None,
+):
+    """Trace base model + Medusa heads into ONNX (+ sidecar, tokenizer) with tree-mask and tree-position inputs."""
+    from .onnx_export import export_onnx
+
+    path = export_onnx(model, heads, out, dtype, max_seq, opset, tree, default_tree)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="artifact folder (runtime backends) or MODEL (--backend torch)")],
+    prompt: Annotated[str, typer.Option("--prompt")],
+    heads: Annotated[str | None, typer.Option("--heads", help="with --backend torch: heads folder or random:K")] = None,
+    tree: Tree = None,
+    backend: Backend = "ort-cpu",
+    max_new_tokens: MaxNew = 128,
+    no_medusa: Annotated[bool, typer.Option("--no-medusa", help="plain autoregressive decoding")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="with --backend torch")] = "fp32",
+    typical: Annotated[bool, typer.Option("--typical", help="typical acceptance instead of greedy")] = False,
+    posterior_threshold: Annotated[float, typer.Option("--posterior-threshold")] = 0.09,
+    posterior_alpha: Annotated[float, typer.Option("--posterior-alpha")] = 0.3,
+    temperature: Annotated[float, typer.Option("--temperature", help="typical acceptance only")] = 0.7,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="stop string (repeatable)")] = None,
+):
+    """Stream a completion, then tokens/s and mean accepted tokens per step."""
+    import time
+
+    from medusa_runtime.acceptance import Greedy, Typical
+
+    acceptance = Typical(posterior_threshold, posterior_alpha, temperature) if typical else Greedy()
+    if backend == "torch":
+        from .heads import resolve_heads
+        from .models import load_base
+        from .models.source import torch_dtype_of
+        from .reference import torch_runtime
+
+        if not heads:
+            _fail("--backend torch needs --heads (a heads folder or random:K)")
+        base = load_base(model, dtype)
+        c = base.config
+        med = resolve_heads(heads, c.hidden_size, c.vocab_size, dtype=torch_dtype_of(dtype))
+        runtime = torch_runtime(base, med, None if no_medusa else (tree or "tree8"), acceptance=acceptance)
+    else:
+        from medusa_runtime.api import MedusaRuntime
+
+        runtime = MedusaRuntime.open(model, backend=backend, tree=tree, medusa=not no_medusa, acceptance=acceptance)
+    start = time.perf_counter()
+    for piece in runtime.stream(prompt, max_new_tokens, stop or ()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    n_tokens, steps = runtime.last_stats
+    seconds = time.perf_counter() - start
+    accepted = (n_tokens - 1) / (steps - 1) if steps > 1 else 0.0
+    typer.echo(f"\n[{backend}, tree {runtime.tree_name}] {n_tokens} tokens in {seconds:.2f}s: "
+               f"{n_tokens / seconds:.1f} tokens/s, mean accepted {accepted:.2f} tokens/step", err=True)
+
+
+@app.command()
+def validate(
+    folder: Annotated[Path, typer.Argument(help="artifact folder")],
+    prompts: Prompts,
+    backend: Backend = "ort-cpu",
+    max_new_tokens: MaxNew = 64,
+    limit: Limit = None,
+    tree: Tree = None,
+):
+    """Compare the runtime with transformers' greedy decoding, token for token."""
+    from .validate import validate as run
+
+    if not run(folder, prompts, backend, max_new_tokens, limit, tree):
+        raise typer.Exit(1)
+
+
+@app.command("tree")
+def tree_cmd(
+    spec: Annotated[str | None, typer.Argument(help="preset name or JSON file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the buffers as one JSON object")] = False,
+    from_accuracy: Annotated[Path | None, typer.Option("--from-accuracy", help="head accuracy JSON")] = None,
+    nodes: Annotated[int, typer.Option("--nodes", min=1, help="node budget, root included")] = 16,
+    out: Annotated[Path | None, typer.Option("--out", help="write the built tree here")] = None,
+):
+    """Show a tree's buffers, or build one from measured head accuracies (Medusa's greedy construction)."""
+    from medusa_runtime.tree import build_tree, expected_accept_length, load_choices, load_rank_accuracy, tree_from_accuracy
+
+    from .fsutil import atomic_file
+    from .onnx_export import TREE_DIR
+
+    if from_accuracy:
+        acc = load_rank_accuracy(from_accuracy)
+        choices = tree_from_accuracy(acc, nodes)
+        name = out.stem if out else f"from-accuracy-{nodes}"
+        doc = {"name": name, "description": f"greedy tree of {nodes} nodes from {from_accuracy.name}, "
+               f"expected {expected_accept_length(choices, acc):.3f} tokens/step", "choices": choices}
+        if out:
+            with atomic_file(out) as tmp:
+                tmp.write_text(json.dumps(doc, indent=1) + "\n")
+            typer.echo(f"wrote {out}: {doc['description']}")
+        else:
+            typer.echo(json.dumps(doc))
+        return
+    if spec is None:
+        _fail("give a preset name or JSON file, or --from-accuracy FILE")
+    name, choices = load_choices(spec, [TREE_DIR])
+    buffers = build_tree(choices)
+    if as_json:
+        typer.echo(json.dumps({"name": name, **buffers.to_json_dict()}))
+    else:
+        typer.echo(f"{name}: {buffers.num_nodes} nodes (root included), depth {buffers.depth}, "
+                   f"{buffers.num_leaves} leaves, top-{buffers.topk}")
+
+
+@app.command()
+def trt():
+    """Build a TensorRT / TensorRT-RTX engine from an artifact (see issue: not implemented yet)."""
+    _fail("medusa-export trt: not implemented yet")
+
+
+@app.command()
+def train():
+    """Train Medusa heads on the frozen base model (not implemented yet)."""
+    _fail("medusa-export train: not implemented yet")
+
+
+@app.command()
+def bench():
+    """Benchmark Medusa vs plain decoding vs Hugging Face (not implemented yet)."""
+    _fail("medusa-export bench: not implemented yet")
+
+
+def main() -> None:
+    try:
+        app()
+    except MedusaError as exc:
+        if os.environ.get("MEDUSA_DEBUG"):
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
