@@ -163,9 +163,27 @@ def train():
 
 
 @app.command()
-def bench():
-    """Benchmark Medusa vs plain decoding vs Hugging Face (not implemented yet)."""
-    _fail("medusa-export bench: not implemented yet")
+def bench(
+    folder: Annotated[Path, typer.Argument(help="artifact folder")],
+    prompts: Prompts,
+    backend: Backend = "ort-cpu",
+    tree: Tree = None,
+    max_new_tokens: MaxNew = 128,
+    limit: Limit = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="repetitions per prompt (interleaved)")] = 1,
+    hf: Annotated[bool, typer.Option("--hf/--no-hf", help="also time transformers generate")] = True,
+    out: Annotated[Path | None, typer.Option("--out", help="RESULT.json (a PNG plot is written next to it)")] = None,
+):
+    """Medusa vs plain decoding (same runtime, same artifact) vs transformers generate, interleaved per prompt."""
+    from .bench import bench as run
+    from .bench import report_lines, summary_line
+
+    result = run(folder, prompts, backend, tree, max_new_tokens, limit, runs, hf, out)
+    for line in report_lines(result):
+        typer.echo(line)
+    typer.echo(summary_line(result))
+    if result["identical_outputs"] != result["prompts"] and result["dtype"] == "fp32":
+        raise typer.Exit(1)
 
 
 def main() -> None:

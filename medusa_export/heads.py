@@ -41,7 +41,7 @@ class ResBlock(nn.Module):
             nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
-        return x + F.silu(self.linear(x))
+        return x + F.silu(self.linear(x).float()).to(x.dtype)  # activation in float32 (bf16/fp16 graphs)
 
 
 class MedusaHeads(nn.Module):

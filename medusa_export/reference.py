@@ -20,22 +20,25 @@ class Reference:
     tops: list[float]  # the top-1 logit at each generated position
 
 
-def hf_greedy(base, prompt_ids: list[int], max_new_tokens: int) -> Reference:
+def hf_greedy(base, prompt_ids: list[int], max_new_tokens: int, scores: bool = True) -> Reference:
     """transformers' own `generate` (greedy, eager attention, its own cache): the oracle."""
     import torch
 
+    device = base.hf.device
     with torch.no_grad():
         out = base.hf.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            torch.tensor([prompt_ids], device=device),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=base.eos_token_ids or None,
             pad_token_id=base.config.pad_token_id if base.config.pad_token_id is not None else 0,
-            output_logits=True,
+            output_logits=scores,
             return_dict_in_generate=True,
         )
     tokens = out.sequences[0, len(prompt_ids):].tolist()
+    if not scores:
+        return Reference(tokens, [], [])
     top2 = [torch.topk(step[0].float(), 2).values.tolist() for step in out.logits]
     return Reference(tokens, [a - b for a, b in top2], [a for a, _ in top2])
 

@@ -78,6 +78,11 @@ def validate(folder: Path, prompts: Path, backend: str = "ort-cpu", max_new_toke
     dtype = meta.get("dtype", "fp32")
     rows = read_prompts(prompts, limit)
     base = load_base(meta["model"]["name"], "fp32")
+    if backend != "ort-cpu":  # the reference runs where the runtime does (fp32, TF32 off by default)
+        import torch
+
+        if torch.cuda.is_available():
+            base.hf.to("cuda")
     print(f"validate: {folder} on {backend} ({dtype}, tree {runtime.tree_name}) vs transformers greedy (fp32), "
           f"{len(rows)} prompts x {max_new_tokens} tokens", file=out, flush=True)
     reports = []

@@ -58,10 +58,10 @@ def rope(position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, h, D] rotated by the half-split convention of Hugging Face."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x [B, T, h, D] rotated by the half-split convention of Hugging Face, in float32."""
+    xf, half = x.float(), x.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos.float() + rotated * sin.float()).to(x.dtype)
 
 
 def attend(

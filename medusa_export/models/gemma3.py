@@ -84,6 +84,7 @@ class Gemma3(ExplicitDecoder):
             x = x + rms_norm(attn, layer.post_attention_layernorm.weight, eps, offset=1.0)
             h = rms_norm(x, layer.pre_feedforward_layernorm.weight, eps, offset=1.0)
             mlp = layer.mlp
-            h = mlp.down_proj(F.gelu(mlp.gate_proj(h), approximate="tanh") * mlp.up_proj(h))
+            gate = F.gelu(mlp.gate_proj(h).float(), approximate="tanh").to(h.dtype)  # float32 activation
+            h = mlp.down_proj(gate * mlp.up_proj(h))
             x = x + rms_norm(h, layer.post_feedforward_layernorm.weight, eps, offset=1.0)
         return rms_norm(x, m.norm.weight, eps, offset=1.0), new_kv

@@ -44,6 +44,8 @@ class OrtBackend(Backend):
             providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         elif device != "cpu":
             raise MedusaError(f"unknown ONNX Runtime device {device!r}")
+        elif self.kv_dtype == "bfloat16":
+            raise MedusaError("ONNX Runtime's CPU EP has no bf16 kernels: run a bf16 artifact on ort-cuda or trt")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

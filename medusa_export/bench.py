@@ -1,0 +1,199 @@
+"""`medusa-export bench`: Medusa vs plain decoding on the same runtime and artifact vs transformers
+`generate`, interleaved per prompt in one process after a warm-up, with the outputs checked equal."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from medusa_runtime.errors import MedusaError
+
+from .fsutil import atomic_file
+
+METHODS = ("medusa", "plain", "hf")
+
+
+class TimedBackend:
+    """Delegates to a backend and accumulates the wall time of its device work (forward + commit)."""
+
+    def __init__(self, inner):
+        self.inner, self.device_s = inner, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _timed(self, fn, *args, **kw):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            self.device_s += time.perf_counter() - start
+
+    def reset(self):
+        self.inner.reset()
+
+    def forward(self, *args, **kw):
+        return self._timed(self.inner.forward, *args, **kw)
+
+    def commit(self, rows):
+        return self._timed(self.inner.commit, rows)
+
+    def logits(self):
+        return self.inner.logits()
+
+    @property
+    def length(self):
+        return self.inner.length
+
+    @property
+    def capacity(self):
+        return self.inner.capacity
+
+
+def _stats(values: list[float]) -> dict:
+    values = sorted(values)
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "p25": q[0], "p75": q[2], "min": values[0], "max": values[-1]}
+
+
+def bench(folder: Path, prompts: Path, backend: str = "ort-cpu", tree: str | None = None, max_new_tokens: int = 128,
+          limit: int | None = None, runs: int = 1, hf: bool = True, out: Path | None = None, quiet: bool = False) -> dict:
+    from medusa_runtime.api import MedusaRuntime
+    from medusa_runtime.tree import build_tree
+    from tqdm import tqdm
+
+    from .reference import hf_greedy
+    from .validate import read_prompts
+
+    medusa = MedusaRuntime.open(folder, backend=backend, tree=tree)
+    timed = TimedBackend(medusa.backend)
+    medusa.backend = timed
+    plain = MedusaRuntime(timed, medusa.tokenizer, build_tree([]), medusa.eos, medusa.window, tree_name="plain")
+    meta = medusa.artifact.meta
+    rows = read_prompts(prompts, limit)
+    base = _hf_model(meta, backend) if hf else None
+
+    def run(method: str, ids: list[int]) -> tuple[list[int], float, float, float]:
+        """tokens, seconds, device seconds, mean accepted"""
+        timed.device_s = 0.0
+        start = time.perf_counter()
+        if method == "hf":
+            tokens = hf_greedy(base, ids, max_new_tokens, scores=False).tokens
+            return tokens, time.perf_counter() - start, 0.0, 1.0
+        res = (medusa if method == "medusa" else plain).generate(ids, max_new_tokens)
+        return res.token_ids, time.perf_counter() - start, timed.device_s, res.mean_accepted or 1.0
+
+    methods = [m for m in METHODS if m != "hf" or base is not None]
+    warm = medusa.encode(rows[0]["prompt"])
+    for m in methods:  # warm-up: session initialisation, allocator growth, cuBLAS handles
+        run(m, warm[:32])
+    samples = defaultdict(list)
+    per_prompt = []
+    identical = 0
+    bar = tqdm(total=len(rows) * runs, desc="bench", unit="prompt", disable=quiet)
+    for i, row in enumerate(rows):
+        ids = medusa.encode(row["prompt"])
+        outputs = {}
+        for r in range(runs):
+            order = methods[(i + r) % len(methods):] + methods[: (i + r) % len(methods)]  # interleave
+            for m in order:
+                tokens, secs, dev, acc = run(m, ids)
+                outputs[m] = tokens
+                samples[m].append({"tok_s": len(tokens) / secs, "device_s": dev, "seconds": secs, "accepted": acc,
+                                   "tokens": len(tokens), "category": row["category"]})
+            bar.update(1)
+        same = all(outputs[m] == outputs["plain"] for m in methods)
+        identical += same
+        per_prompt.append({"id": row["id"], "category": row["category"], "identical": same,
+                           **{f"{m}_tokens": len(outputs[m]) for m in methods}})
+    bar.close()
+
+    result = {
+        "artifact": str(folder), "backend": backend, "dtype": meta["dtype"], "tree": medusa.tree_name,
+        "tree_nodes": medusa.tree.num_nodes, "max_new_tokens": max_new_tokens, "prompts": len(rows), "runs": runs,
+        "identical_outputs": identical, "methods": {},
+    }
+    for m in methods:
+        s = samples[m]
+        device = sum(x["device_s"] for x in s)
+        total = sum(x["seconds"] for x in s)
+        entry = {"tok_s": _stats([x["tok_s"] for x in s])}
+        if m != "hf":
+            entry["device_fraction"] = device / total
+            entry["host_fraction"] = 1 - device / total
+        if m == "medusa":
+            by_cat = defaultdict(list)
+            for x in s:
+                by_cat[x["category"]].append(x["accepted"])
+            entry["accepted"] = statistics.fmean(x["accepted"] for x in s)
+            entry["accepted_by_category"] = {c: statistics.fmean(v) for c, v in sorted(by_cat.items())}
+        result["methods"][m] = entry
+    result["per_prompt"] = per_prompt
+    tok = {m: result["methods"][m]["tok_s"]["median"] for m in methods}
+    result["speedup"] = tok["medusa"] / tok["plain"]
+    if out:
+        with atomic_file(Path(out)) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+        _plot(result, Path(out).with_suffix(".png"))
+    return result
+
+
+def summary_line(result: dict) -> str:
+    m = result["methods"]
+    hf = f"{m['hf']['tok_s']['median']:.1f}" if "hf" in m else "n/a"
+    return (f"bench: medusa {m['medusa']['tok_s']['median']:.1f} tok/s, plain {m['plain']['tok_s']['median']:.1f} tok/s, "
+            f"hf {hf} tok/s, speedup {result['speedup']:.2f}x, accepted {m['medusa']['accepted']:.2f} tokens/step")
+
+
+def report_lines(result: dict) -> list[str]:
+    lines = [f"{result['prompts']} prompts x {result['runs']} runs, {result['max_new_tokens']} new tokens, "
+             f"{result['backend']} {result['dtype']}, tree {result['tree']} ({result['tree_nodes']} nodes); "
+             f"outputs identical on {result['identical_outputs']}/{result['prompts']} prompts"]
+    for name, m in result["methods"].items():
+        t = m["tok_s"]
+        split = f", device {m['device_fraction']:.0%} / host {m['host_fraction']:.0%}" if "device_fraction" in m else ""
+        lines.append(f"  {name:7s} median {t['median']:.1f} tok/s (p25 {t['p25']:.1f}, p75 {t['p75']:.1f}){split}")
+    cats = result["methods"]["medusa"]["accepted_by_category"]
+    lines.append("  accepted tokens/step by category: " + ", ".join(f"{c} {a:.2f}" for c, a in cats.items()))
+    return lines
+
+
+def _hf_model(meta: dict, backend: str):
+    import torch
+
+    from .models import load_base
+
+    dtype = meta["dtype"]
+    base = load_base(meta["model"]["name"], dtype if backend != "ort-cpu" else "fp32")
+    if backend != "ort-cpu":
+        if not torch.cuda.is_available():
+            raise MedusaError(f"bench on {backend} compares with transformers on CUDA, but torch sees no GPU")
+        base.hf.to("cuda")
+    return base
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(result["methods"])
+    med = [result["methods"][n]["tok_s"]["median"] for n in names]
+    err = [[m - result["methods"][n]["tok_s"]["p25"] for n, m in zip(names, med)],
+           [result["methods"][n]["tok_s"]["p75"] - m for n, m in zip(names, med)]]
+    a.bar(names, med, yerr=err, capsize=4, color=["tab:green", "tab:blue", "tab:gray"][: len(names)])
+    a.set_ylabel("tokens/s (median, p25-p75)")
+    a.set_title(f"{result['backend']} {result['dtype']}, tree {result['tree']}")
+    cats = result["methods"]["medusa"]["accepted_by_category"]
+    b.barh(list(cats), list(cats.values()), color="tab:green")
+    b.set_xlabel("accepted tokens / step")
+    b.set_title("Medusa acceptance by category")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

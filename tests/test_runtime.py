@@ -1,0 +1,136 @@
+"""The ONNX artifact and the runtime over ONNX Runtime (CPU EP) against PyTorch and transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import PROMPTS, ROOT, TINY, oracle_check
+from medusa_runtime.api import MedusaRuntime
+from medusa_runtime.masks import causal, step_masks
+from medusa_runtime.tree import build_tree
+
+from medusa_export.graph import MedusaGraph
+from medusa_export.heads import resolve_heads
+from medusa_export.models import explicit_model
+from medusa_export.reference import hf_greedy
+
+
+def feeds(art_meta, ids, positions, visible, past, past_len, rows):
+    window = art_meta["model"]["sliding_window"]
+    full, sliding = step_masks(past_len, np.asarray(positions), visible, window)
+    f = {"input_ids": np.array([ids]), "position_ids": np.array([positions]), "attention_mask": full,
+         "output_rows": np.asarray(rows)}
+    if window is not None:
+        f["sliding_attention_mask"] = sliding
+    for i, (k, v) in enumerate(past):
+        f[f"past_key.{i}"], f[f"past_value.{i}"] = k, v
+    return f
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_onnx_matches_pytorch_at_unseen_shapes(tiny_base, tiny_artifact, name):
+    """Past 0 and T=1 included; the export traced at batch 2, T=3, past 5, rows 2."""
+    folder = tiny_artifact(name)
+    meta = json.loads((folder / "artifact.json").read_text())
+    base = tiny_base(name)
+    decoder = explicit_model(base)
+    heads = resolve_heads("random:4", decoder.cfg.hidden_size, decoder.cfg.vocab_size)
+    graph = MedusaGraph(decoder, heads, meta["medusa"]["topk"]).eval()
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    cfg = decoder.cfg
+    rng = np.random.default_rng(1)
+    past = [(np.zeros((1, 0, cfg.num_kv_heads, cfg.head_dim), np.float32),) * 2 for _ in range(cfg.num_layers)]
+    plen = 0
+    for t, visible in [(1, causal(1)), (11, causal(11)), (1, np.ones((1, 1))), (6, build_tree([[0], [1], [0, 0], [0, 1], [1, 0]]).attention_mask)]:
+        ids = rng.integers(3, 250, size=t).tolist()
+        positions = (plen + (visible.sum(1) - 1)).tolist() if t > 1 and not np.array_equal(visible, causal(t)) else list(range(plen, plen + t))
+        rows = list(range(t))
+        f = feeds(meta, ids, positions, visible, past, plen, rows)
+        got = dict(zip(out_names, sess.run(None, f)))
+        with torch.no_grad():
+            want = graph(*[torch.from_numpy(np.ascontiguousarray(f[i.name])) for i in sess.get_inputs()])
+        want = dict(zip(out_names, [w.numpy() for w in want]))
+        for key in ("logits", "medusa_logits") + tuple(n for n in out_names if n.startswith("present")):
+            np.testing.assert_allclose(got[key], want[key], atol=2e-4, rtol=1e-3, err_msg=f"{key} T={t} P={plen}")
+        np.testing.assert_array_equal(got["next_tokens"], want["next_tokens"])
+        np.testing.assert_array_equal(got["medusa_topk"][..., 0], want["medusa_topk"][..., 0])
+        if np.array_equal(visible, causal(t)) or t == 1:  # keep prompt/decode rows; the tree is the last case
+            past = [(np.concatenate((k, got[f"present_key.{i}"]), 1), np.concatenate((v, got[f"present_value.{i}"]), 1))
+                    for i, (k, v) in enumerate(past)]
+            plen += t
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tree_verify_logits_equal_per_path_forwards(tiny_base, tiny_artifact, name):
+    """Verify through the runtime backend: every tree node's logits == transformers on prefix + path."""
+    from medusa_runtime.decode import prefill, verify
+
+    base = tiny_base(name)
+    rt = MedusaRuntime.open(tiny_artifact(name), tree="tree16")
+    prefix = rt.encode("A prefix longer than the window")
+    tree = rt.tree
+    prefill(rt.backend, prefix, rt.window)
+    cand = np.random.default_rng(2).integers(3, 250, size=tree.num_nodes)
+    out = verify(rt.backend, tree, cand, rt.window)
+    logits = rt.backend.logits()
+    for node in range(tree.num_nodes):
+        path = np.flatnonzero(tree.attention_mask[node])
+        with torch.no_grad():
+            ref = base.hf(torch.tensor([prefix + cand[path].tolist()])).logits[0, -1].numpy()
+        np.testing.assert_allclose(logits[node], ref, atol=2e-4, rtol=1e-3)
+        assert out.next_tokens[node] == ref.argmax()
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("tree", ["tree8", "mc_sim_7b_63"])
+def test_runtime_medusa_equals_base_greedy_with_oracle_heads(tiny_base, tiny_artifact, name, tree):
+    rt = MedusaRuntime.open(tiny_artifact(name), tree=tree)
+    kinds, mean = oracle_check(rt, tiny_base(name), PROMPTS, 40)
+    assert {"full", "partial", "non-first"} <= kinds, kinds
+    assert mean > 1.5
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_runtime_plain_and_random_heads_equal_base_greedy(tiny_base, tiny_artifact, name):
+    base = tiny_base(name)
+    for medusa in (False, True):
+        rt = MedusaRuntime.open(tiny_artifact(name), tree="tree16", medusa=medusa)
+        for prompt in PROMPTS:
+            ids = rt.encode(prompt)
+            assert rt.generate(ids, 30).token_ids == hf_greedy(base, ids, 30).tokens
+
+
+def test_streaming_yields_the_same_text_and_honours_stop(tiny_artifact):
+    rt = MedusaRuntime.open(tiny_artifact("tiny-llama"), tree="tree8")
+    whole = rt.generate(PROMPTS[0], 40)
+    assert "".join(rt.stream(PROMPTS[0], 40)) == whole.text
+    stop = whole.text[10:13]
+    streamed = "".join(rt.stream(PROMPTS[0], 40, stop=[stop]))
+    assert streamed == whole.text[: whole.text.find(stop)]
+
+
+def test_runtime_imports_and_runs_without_torch_or_transformers(tiny_artifact):
+    folder = tiny_artifact("tiny-qwen2")
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from medusa_runtime.api import MedusaRuntime
+rt = MedusaRuntime.open({str(folder)!r}, tree='tree8')
+res = rt.generate('hello world', 12)
+assert len(res.token_ids) == 12
+assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules)
+print('ok')
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
