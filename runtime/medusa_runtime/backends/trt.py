@@ -54,8 +54,9 @@ def import_tensorrt(flavor: str = "auto"):
             return name, importlib.import_module(FLAVORS[name])
         except ImportError:
             continue
-    wanted = "tensorrt or tensorrt-rtx" if flavor == "auto" else flavor
-    raise MedusaError(f"{wanted} is not installed (pip install medusa-export[rtx] or [trt])")
+    extra = {"auto": "[rtx] or [trt]", "tensorrt": "[trt]", "tensorrt-rtx": "[rtx]"}[flavor]
+    raise MedusaError(f"{'tensorrt or tensorrt-rtx' if flavor == 'auto' else flavor} is not installed "
+                      f"(pip install medusa-export{extra})")
 
 
 def default_engine_path(folder: Path, flavor: str) -> Path:
