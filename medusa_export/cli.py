@@ -39,11 +39,13 @@ def onnx(
     opset: Annotated[int, typer.Option("--opset")] = 18,
     tree: Annotated[list[str] | None, typer.Option("--tree", help="trees to serve (repeatable; default: presets)")] = None,
     default_tree: Annotated[str | None, typer.Option("--default-tree")] = None,
+    draft_vocab: Annotated[int, typer.Option("--draft-vocab", min=0,
+                                             help="heads project onto the N most frequent tokens (0: full vocab)")] = 0,
 ):
     """Trace base model + Medusa heads into ONNX (+ sidecar, tokenizer) with tree-mask and tree-position inputs."""
     from .onnx_export import export_onnx
 
-    path = export_onnx(model, heads, out, dtype, max_seq, opset, tree, default_tree)
+    path = export_onnx(model, heads, out, dtype, max_seq, opset, tree, default_tree, draft_vocab)
     typer.echo(f"wrote {path}")
 
 

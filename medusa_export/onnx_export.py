@@ -35,11 +35,13 @@ def export_onnx(
     opset: int = 18,
     trees: list[str] | None = None,
     default_tree: str | None = None,
+    draft_vocab: int = 0,
     quiet: bool = False,
 ) -> Path:
     """Export MODEL + HEADS to the artifact folder `out` (written atomically). Returns `out`."""
     import torch
 
+    from .draft_vocab import draft_ids
     from .graph import MedusaGraph
     from .heads import resolve_heads
     from .models import explicit_model, load_base
@@ -55,11 +57,13 @@ def export_onnx(
         decoder = explicit_model(base)
         cfg = decoder.cfg
         med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
+        drafts = draft_ids(heads, draft_vocab, cfg.vocab_size)
+    head_vocab = cfg.vocab_size if drafts is None else len(drafts)
     served = _served_trees(trees, med.num_heads)
     if not served:
         raise MedusaError(f"no tree fits {med.num_heads} heads: give --tree with a shallower tree")
     topk = max(1, max(build_tree(c).topk for c in served.values()))
-    topk = min(topk, cfg.vocab_size)
+    topk = min(topk, head_vocab)
     default_tree = default_tree or _largest(served, limit=16)
     if default_tree not in served:
         raise MedusaError(f"default tree {default_tree!r} is not among the exported trees {sorted(served)}")
@@ -67,9 +71,9 @@ def export_onnx(
     kv_dtype = ONNX_DTYPES[dtype]
     inputs = contract.graph_inputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, cfg.has_sliding)
     outputs = contract.graph_outputs(
-        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, med.num_heads, cfg.vocab_size, topk
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, med.num_heads, cfg.vocab_size, topk, head_vocab
     )
-    graph = MedusaGraph(decoder, med, topk).eval()
+    graph = MedusaGraph(decoder, med, topk, drafts).eval()
     with atomic_dir(out) as tmp:
         with stage(f"tracing {cfg.family} ({cfg.num_layers} layers) + {med.num_heads} heads to ONNX", quiet):
             _trace(graph, inputs, outputs, tmp / "model.onnx", opset, torch_dtype_of(dtype))
@@ -79,13 +83,14 @@ def export_onnx(
         base.tokenizer.save(str(tmp / "tokenizer.json"))
         sidecar = {
             "format": Artifact.FORMAT,
-            "model": {"name": model, **_model_json(cfg)},
+            "model": {"name": _ref(model), **_model_json(cfg)},
             "medusa": {
-                "heads": heads,
+                "heads": _ref(heads),
                 "num_heads": med.num_heads,
                 "num_layers": med.num_layers,
                 "shared_lm_head": med.shared_lm_head,
                 "topk": topk,
+                "draft_vocab": None if drafts is None else head_vocab,
             },
             "dtype": dtype,
             "max_seq": max_seq,
@@ -100,6 +105,11 @@ def export_onnx(
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
         Artifact.load(tmp)  # the runtime's own checks, before the folder becomes visible
     return out
+
+
+def _ref(spec: str) -> str:
+    """A model/heads reference that stays valid from another working directory."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
 def _served_trees(names: list[str] | None, num_heads: int) -> dict[str, list]:

@@ -67,11 +67,11 @@ def build_engine(
     for mode in ("input", "output"):
         artifact.check_io(f"{mode}s", [(t["name"], t["dtype"]) for t in parsed.io if t["mode"] == mode])
     model = parsed.build(profile_ranges(max_seq, max_prompt, sizes, opt_tree), timing_cache)
+    targets = parsed.targets
     del parsed  # frees the network's weights before the second build
-    commit = _Engine(trt, flavor, artifact.path("commit"), quiet)
-    commit = commit.build(commit_ranges(sizes, opt_tree), timing_cache)
-    targets = model.pop("compute_capabilities")
-    commit.pop("compute_capabilities")
+    commit_graph = _Engine(trt, flavor, artifact.path("commit"), quiet)
+    commit = commit_graph.build(commit_ranges(sizes, opt_tree), timing_cache)
+    sidecar_path(out).unlink(missing_ok=True)  # no stale sidecar may describe half-replaced engines
     engines = {}
     for role, built, path in (("model", model, out), ("commit", commit, commit_out)):
         blob = built.pop("blob")
@@ -188,7 +188,7 @@ class _Engine:
         self.io = _network_io(self.network, _onnx_shapes(onnx_path))
 
     def build(self, profiles: dict[str, dict[str, Range]], timing_cache: Path | None) -> dict:
-        """{blob, io, profiles, layers, compute_capabilities} of the engine built with these profiles."""
+        """{blob, io, profiles, layers} of the engine built with these profiles; sets `targets`."""
         config = self.builder.create_builder_config()
         recorded = []
         for name, symbols in profiles.items():
@@ -198,8 +198,8 @@ class _Engine:
                 profile.set_shape(tensor, r["min"], r["opt"], r["max"])
             if config.add_optimization_profile(profile) < 0:
                 raise MedusaError(f"TensorRT rejected the {name} profile: {self.logger.last_error()}")
-            symbols = {s: list(r) for s, r in symbols.items()}
-            recorded.append({"name": name, "symbols": symbols, "inputs": ranges})
+            as_lists = {s: list(r) for s, r in symbols.items()}
+            recorded.append({"name": name, "symbols": as_lists, "inputs": ranges})
         monitor = _progress_monitor(self.trt, self.quiet)
         if monitor is not None:
             config.progress_monitor = monitor
@@ -214,8 +214,8 @@ class _Engine:
             with atomic_file(timing_cache) as tmp:
                 tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         types = Counter(self.network.get_layer(i).type.name for i in range(layers))
-        return {"blob": blob, "io": self.io, "profiles": recorded, "layers": dict(sorted(types.items())),
-                "compute_capabilities": _compute_capabilities(self.flavor, config)}
+        self.targets = _compute_capabilities(self.flavor, config)
+        return {"blob": blob, "io": self.io, "profiles": recorded, "layers": dict(sorted(types.items()))}
 
 
 def _parser_error(parser, path: Path) -> str:

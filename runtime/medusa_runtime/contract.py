@@ -46,11 +46,13 @@ def graph_inputs(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, s
 
 
 def graph_outputs(
-    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, num_heads: int, vocab: int, topk: int
+    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, num_heads: int, vocab: int, topk: int,
+    head_vocab: int | None = None,
 ) -> list[TensorSpec]:
+    """head_vocab: the heads' draft vocabulary size when smaller than the model's (top-k ids are full-vocab ids)."""
     specs = [
         TensorSpec("logits", FLOAT32, ("batch", "rows", vocab)),
-        TensorSpec("medusa_logits", FLOAT32, (num_heads, "batch", "rows", vocab)),
+        TensorSpec("medusa_logits", FLOAT32, (num_heads, "batch", "rows", head_vocab or vocab)),
         TensorSpec("next_tokens", INT64, ("batch", "rows")),
         TensorSpec("medusa_topk", INT64, (num_heads, "batch", "rows", topk)),
     ]

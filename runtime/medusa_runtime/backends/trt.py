@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import contract
+from ..artifact import SIDECAR
 from ..errors import MedusaError
 from .base import Backend, StepOutput
 
@@ -111,8 +112,6 @@ def load_engine_sidecar(engine: Path) -> dict:
 
 def check_engine(engine: Path, artifact) -> dict:
     """The sidecar of `engine`, checked against `artifact` (sha256 of its artifact.json, I/O names)."""
-    from ..artifact import SIDECAR
-
     meta = load_engine_sidecar(engine)
     names = [s["name"] for kind in ("inputs", "outputs") for s in artifact.io(kind)]
     same_io = [t["name"] for t in meta["engines"]["model"]["io"]] == names
@@ -292,7 +291,8 @@ class _Cuda:
             self.lib = cuda.wrapper()
             self.stream = self.lib.create_stream()
         except Exception as exc:  # polygraphy raises its own exception types, ctypes OSError
-            raise MedusaError(f"cannot use CUDA for the trt backend: {str(exc).splitlines()[0]}") from None
+            reason = str(exc).splitlines()[0].split(". ")[0]
+            raise MedusaError(f"the trt backend needs a usable NVIDIA GPU and driver: {reason}") from None
         self.pointers: list[int] = []
 
     def malloc(self, size: int) -> int:
