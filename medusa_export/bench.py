@@ -60,7 +60,8 @@ def _stats(values: list[float]) -> dict:
 
 
 def bench(folder: Path, prompts: Path, backend: str = "ort-cpu", tree: str | None = None, max_new_tokens: int = 128,
-          limit: int | None = None, runs: int = 1, hf: bool = True, out: Path | None = None, quiet: bool = False) -> dict:
+          limit: int | None = None, runs: int = 1, hf: bool = True, out: Path | None = None, quiet: bool = False,
+          per_category: int | None = None) -> dict:
     from medusa_runtime.api import MedusaRuntime
     from medusa_runtime.tree import build_tree
     from tqdm import tqdm
@@ -73,7 +74,7 @@ def bench(folder: Path, prompts: Path, backend: str = "ort-cpu", tree: str | Non
     medusa.backend = timed
     plain = MedusaRuntime(timed, medusa.tokenizer, build_tree([]), medusa.eos, medusa.window, tree_name="plain")
     meta = medusa.artifact.meta
-    rows = read_prompts(prompts, limit)
+    rows = read_prompts(prompts, limit, per_category)
     base = _hf_model(meta, backend) if hf else None
 
     def run(method: str, ids: list[int]) -> tuple[list[int], float, float, float]:

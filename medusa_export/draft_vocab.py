@@ -36,7 +36,9 @@ def draft_ids(heads_spec: str, size: int, vocab_size: int):
 
     if not size or size >= vocab_size:
         return None
-    path = Path(heads_spec) / FILE
+    from .heads import heads_path
+
+    path = Path(heads_path(heads_spec)) / FILE
     if not path.is_file():
         raise MedusaError(f"--draft-vocab needs {FILE} next to the heads (written by `medusa-export train`); {path} is missing")
     ids = json.loads(path.read_text())["ids"]

@@ -28,6 +28,13 @@ CONFIG_FILE = "config.json"
 WEIGHT_FILES = {"safetensors": "medusa_lm_head.safetensors", "pt": "medusa_lm_head.pt"}  # load prefers first
 _KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")  # head, index, parameter
 _RANDOM_SPEC = re.compile(r"random:([1-9]\d*)(?::([1-9]\d*))?")
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"  # trained heads shipped with the repo
+
+
+def heads_path(spec: str) -> str:
+    """A shipped heads name (a folder under heads/, e.g. gemma3-270m-medusa) as its path; other specs unchanged."""
+    shipped = SHIPPED_HEADS / spec
+    return str(shipped) if spec and "/" not in spec and (shipped / CONFIG_FILE).is_file() else spec
 
 
 class ResBlock(nn.Module):
@@ -190,7 +197,8 @@ def random_heads(
 def resolve_heads(
     spec: str, hidden_size: int, vocab_size: int, dtype: torch.dtype = torch.float32, **random_kw: Any
 ) -> MedusaHeads:
-    """Heads from `random:K` or `random:K:L` (extra keywords go to `random_heads`) or a heads folder."""
+    """Heads from `random:K` or `random:K:L` (extra keywords go to `random_heads`), a shipped name or a folder."""
+    spec = heads_path(spec)
     if spec == "random" or spec.startswith("random:"):
         match = _RANDOM_SPEC.fullmatch(spec)
         if match is None:

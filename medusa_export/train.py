@@ -23,7 +23,8 @@ a held-out prompt is trained on.
 Files in --out: `config.json` + `medusa_lm_head.safetensors` (FasterDecoding format, from `save_heads`),
 `accuracy.json` (held-out per-head top-1/top-5 and `rank_accuracy` [K][10], plus the run's metadata),
 `train_data.pt` (the token ids: reused when the data settings match, and always by --resume) and
-`checkpoint.pt` (heads, optimizer, step; written every --save-every steps and at the end).
+`checkpoint.pt` (heads, optimizer, step; written every --save-every steps and at the end), and
+`draft_vocab.json` (target token ids by frequency, for `--draft-vocab N` at export).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ SEEDS_FILE = Path(__file__).resolve().parent.parent / "configs" / "train_seeds.j
 DATA_FILE, CHECKPOINT_FILE, ACCURACY_FILE = "train_data.pt", "checkpoint.pt", "accuracy.json"
 # pass p >= 1 of self-distillation: sample the first m tokens (None: all) at temperature tau, then greedy
 SAMPLED_PASSES = ((0.8, 16), (1.0, 8), (0.7, None), (0.9, 32), (1.0, 24), (0.8, None))
-TOP_P = 0.95
+MIN_P = 0.05  # sampling keeps the tokens at least this fraction as likely as the most likely one
 MIN_TARGETS = 3  # shorter sequences give no head-target
 
 
@@ -76,13 +77,13 @@ class TrainSettings:
     resume: bool = False
     device: str = "auto"  # auto | cpu | cuda[:N]
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
-    epochs: int = 2
-    lr: float = 1e-3
+    epochs: int = 3
+    lr: float = 2e-3
     batch_size: int = 32  # sequences per optimizer step
     seq_len: int = 512  # longest training sequence (longer text is split, continuations cut)
-    num_samples: int = 2000
+    num_samples: int = 8000
     max_new_tokens: int = 192
-    gen_batch_size: int = 0  # 0: 512 on CUDA, 16 on CPU
+    gen_batch_size: int = 0  # 0: 1024 on CUDA, 16 on CPU
     holdout: float = 0.1
     seed: int = 0
     head_decay: float = 0.8
@@ -195,32 +196,32 @@ def linear_cross_entropy(
 
 
 def _ce_forward(states, weight, targets, row_weights, softcap, compute_dtype, weight_grad: bool):
+    """Loss and gradients, one chunk of rows at a time: logits in `compute_dtype`, softmax in float32,
+    the row weights folded into the gradient matmuls (few full passes over the [rows, V] chunk)."""
     import torch
 
-    rows = states.shape[0]
     chunk = _chunk_rows(weight.shape[0], states.device)
     w = weight.detach().to(compute_dtype)
     loss = torch.zeros((), dtype=torch.float32, device=states.device)
     grad_states = torch.empty_like(states, dtype=torch.float32)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if weight_grad else None
-    for i in range(0, rows, chunk):
+    for i in range(0, states.shape[0], chunk):
         x = states[i : i + chunk].detach().to(compute_dtype)
-        y, rw = targets[i : i + chunk], row_weights[i : i + chunk]
-        z = (x @ w.t()).float()  # [r, V]
+        y, rw = targets[i : i + chunk], row_weights[i : i + chunk, None]
+        rows = torch.arange(len(y), device=y.device)
+        z = x @ w.t()  # [r, V]
         if softcap:
-            tanh = torch.tanh(z / softcap)
+            tanh = torch.tanh(z.float() / softcap)
             z = tanh * softcap
-        lse = torch.logsumexp(z, dim=-1)
-        loss += ((lse - z.gather(1, y[:, None])[:, 0]) * rw).sum()
-        grad = z.sub_(lse[:, None]).exp_()  # softmax, in place
-        grad[torch.arange(len(y), device=y.device), y] -= 1.0
-        grad.mul_(rw[:, None])
+        grad = torch.softmax(z, dim=-1, dtype=torch.float32)  # becomes d loss / d z
+        loss -= (torch.log(grad[rows, y].clamp_min(1e-38)) * rw[:, 0]).sum()
+        grad[rows, y] -= 1.0
         if softcap:
             grad.mul_(1.0 - tanh * tanh)
         grad = grad.to(compute_dtype)
-        grad_states[i : i + chunk] = (grad @ w).float()
+        grad_states[i : i + chunk] = (grad @ w).float() * rw
         if grad_weight is not None:
-            grad_weight += (grad.t() @ x).float()
+            grad_weight += (grad.t() @ (x * rw.to(compute_dtype))).float()
     return loss, grad_states, grad_weight
 
 
@@ -333,31 +334,34 @@ def generation_jobs(num_prompts: int, num_samples: int, seed: int) -> list[GenJo
 
 
 @functools.cache
-def _greedy_after_class():
+def _row_sampling_class():
     from transformers import LogitsProcessor
 
-    class GreedyAfter(LogitsProcessor):
-        """Keeps only the argmax once `sampled` tokens past the (left-padded) prompt have been sampled, so
-        that sampling continues greedily from there."""
+    class RowSampling(LogitsProcessor):
+        """Each row's own sampling mode within one batched `generate(do_sample=True)`: row i samples its
+        first `sampled[i]` tokens at `temperature[i]` with min-p filtering, then keeps only its argmax, so
+        that it continues greedily (a greedy row has sampled[i] = 0)."""
 
-        def __init__(self, prompt_width: int, sampled: int) -> None:
-            self.prompt_width, self.sampled = prompt_width, sampled
+        def __init__(self, prompt_width: int, temperature, sampled) -> None:
+            self.prompt_width, self.temperature, self.sampled = prompt_width, temperature, sampled
 
         def __call__(self, input_ids, scores):
             import torch
 
-            if input_ids.shape[1] - self.prompt_width < self.sampled:
-                return scores
-            top = scores.argmax(-1, keepdim=True)
-            return torch.full_like(scores, -math.inf).scatter(1, top, scores.gather(1, top))
+            scores = scores.float() / self.temperature[:, None]
+            top = scores.amax(-1, keepdim=True)
+            greedy = (self.sampled <= input_ids.shape[1] - self.prompt_width)[:, None]
+            floor = torch.where(greedy, top, top + math.log(MIN_P))  # min-p, in logit space
+            return scores.masked_fill(scores < floor, -math.inf)
 
-    return GreedyAfter
+    return RowSampling
 
 
 def generate_batch(
-    base: BaseModel, prompts: list[list[int]], job: GenJob, max_new_tokens: int, device
+    base: BaseModel, prompts: list[list[int]], jobs: list[GenJob], max_new_tokens: int, device
 ) -> list[list[int]]:
-    """Continue left-padded prompts with transformers' generate; each result cut after its first EOS."""
+    """Continue left-padded prompts with transformers' generate, each row in its job's sampling mode;
+    each result is cut after its first EOS."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -368,21 +372,25 @@ def generate_batch(
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
-    kwargs: dict[str, Any] = dict(do_sample=False)
-    if job.temperature is not None:
-        kwargs = dict(do_sample=True, temperature=job.temperature, top_p=TOP_P, top_k=0)
-        if job.sampled_tokens is not None:
-            processor = _greedy_after_class()(width, job.sampled_tokens)
-            kwargs["logits_processor"] = LogitsProcessorList([processor])
+    temperature = torch.tensor([j.temperature or 1.0 for j in jobs], device=device)
+    sampled = [
+        0 if j.temperature is None else max_new_tokens if j.sampled_tokens is None else j.sampled_tokens
+        for j in jobs
+    ]
+    processor = _row_sampling_class()(width, temperature, torch.tensor(sampled, device=device))
     with torch.no_grad():
         out = base.hf.generate(
             ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             min_new_tokens=0,
+            do_sample=True,  # sampling modes are the processor's: no other warper
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            logits_processor=LogitsProcessorList([processor]),
             pad_token_id=pad,
             eos_token_id=base.eos_token_ids or None,
-            **kwargs,
         )
     results = []
     for row in out[:, width:].tolist():
@@ -400,14 +408,15 @@ def self_distill(
 
     encoded = [base.tokenizer.encode(p).ids[: max(1, settings.seq_len - MIN_TARGETS)] for p in prompts]
     jobs = generation_jobs(len(prompts), settings.num_samples, settings.seed)
-    batches = generation_batches(jobs, [len(e) for e in encoded], gen_batch)
+    jobs.sort(key=lambda job: len(encoded[job.prompt]))  # similar prompt lengths share a batch
+    batches = [jobs[i : i + gen_batch] for i in range(0, len(jobs), gen_batch)]
     sequences, starts, groups, generated = [], [], [], 0
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc="generating", unit="seq", disable=settings.quiet, file=sys.stderr)
     for number, batch in enumerate(batches):
         torch.manual_seed(settings.seed * 100_003 + number)
         outs = generate_batch(
-            base, [encoded[j.prompt] for j in batch], batch[0], settings.max_new_tokens, device
+            base, [encoded[j.prompt] for j in batch], batch, settings.max_new_tokens, device
         )
         for job, new in zip(batch, outs, strict=True):
             prompt = encoded[job.prompt]
@@ -434,18 +443,6 @@ def self_distill(
     return TrainData(sequences, starts, groups, {}, meta)
 
 
-def generation_batches(jobs: list[GenJob], prompt_lengths: list[int], size: int) -> list[list[GenJob]]:
-    """Batches of at most `size` jobs of one sampling mode, prompts of similar lengths together."""
-    modes: dict[tuple[float | None, int | None], list[GenJob]] = {}
-    for job in jobs:
-        modes.setdefault((job.temperature, job.sampled_tokens), []).append(job)
-    batches = []
-    for group in modes.values():
-        group.sort(key=lambda job: prompt_lengths[job.prompt])
-        batches += [group[i : i + size] for i in range(0, len(group), size)]
-    return batches
-
-
 def data_key(settings: TrainSettings) -> dict[str, Any]:
     """What the training data depends on: a cached copy with the same key is reused."""
     source = "seeds:" + str(SEEDS_FILE) if settings.data is None else "file:" + str(settings.data.resolve())
@@ -468,7 +465,7 @@ def save_data(data: TrainData, path: Path) -> None:
 
     flat = [t for s in data.sequences for t in s]
     payload = {
-        "tokens": torch.tensor(flat, dtype=torch.int64),
+        "tokens": torch.tensor(flat, dtype=torch.int32),
         "lengths": torch.tensor([len(s) for s in data.sequences], dtype=torch.int64),
         "starts": torch.tensor(data.starts, dtype=torch.int64),
         "groups": torch.tensor(data.groups, dtype=torch.int64),
@@ -894,6 +891,7 @@ def train(settings: TrainSettings) -> TrainResult:
     """Make or reuse the data, train (or resume), evaluate on the held-out split, write the heads."""
     import torch
 
+    from .draft_vocab import write_draft_vocab
     from .heads import save_heads
     from .models import explicit_model, load_base
 
@@ -901,7 +899,7 @@ def train(settings: TrainSettings) -> TrainResult:
     wall = time.perf_counter()
     device = resolve_device(settings.device)
     dtype = settings.dtype if settings.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    gen_batch = settings.gen_batch_size or (512 if device.type == "cuda" else 16)
+    gen_batch = settings.gen_batch_size or (1024 if device.type == "cuda" else 16)
     torch.manual_seed(settings.seed)
     with stage(f"loading {settings.model} ({dtype}) on {device}", settings.quiet):
         base = load_base(settings.model, dtype)
@@ -909,6 +907,9 @@ def train(settings: TrainSettings) -> TrainResult:
         decoder = explicit_model(base).to(device)
     settings.out.mkdir(parents=True, exist_ok=True)
     data, regenerated = prepare_data(base, settings, device, gen_batch)
+    write_draft_vocab(
+        settings.out, (seq[start:] for seq, start in zip(data.sequences, data.starts, strict=True))
+    )
     train_idx, eval_idx = split_groups(data.groups, settings.holdout, settings.seed)
     heads = init_heads(decoder, settings).to(device)
     lm_head = decoder.lm_head_weight().detach()
@@ -1021,7 +1022,9 @@ def train_command(
         int, _opt("--num-samples", "self-distilled sequences to generate")
     ] = _D.num_samples,
     max_new_tokens: Annotated[int, _opt("--max-new-tokens", "tokens per continuation")] = _D.max_new_tokens,
-    gen_batch_size: Annotated[int, _opt("--gen-batch-size", "0: 512 on CUDA, 16 on CPU")] = _D.gen_batch_size,
+    gen_batch_size: Annotated[
+        int, _opt("--gen-batch-size", "0: 1024 on CUDA, 16 on CPU")
+    ] = _D.gen_batch_size,
     holdout: Annotated[float, _opt("--holdout", "held-out fraction of prompts (documents)")] = _D.holdout,
     head_decay: Annotated[float, _opt("--head-decay", "loss weight of head k: decay**k")] = _D.head_decay,
     save_every: Annotated[

@@ -190,6 +190,8 @@ class _Engine:
     def build(self, profiles: dict[str, dict[str, Range]], timing_cache: Path | None) -> dict:
         """{blob, io, profiles, layers} of the engine built with these profiles; sets `targets`."""
         config = self.builder.create_builder_config()
+        if hasattr(self.trt.BuilderFlag, "TF32"):  # fp32 stays fp32: greedy must match the base model's
+            config.clear_flag(self.trt.BuilderFlag.TF32)
         recorded = []
         for name, symbols in profiles.items():
             ranges = input_ranges(self.io, symbols)

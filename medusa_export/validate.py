@@ -14,8 +14,9 @@ from medusa_runtime.errors import MedusaError
 NEAR_TIE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 
 
-def read_prompts(path: Path, limit: int | None = None) -> list[dict]:
-    """JSONL rows with `turns` (first turn used) or `prompt`; returns [{'id','category','prompt'}]."""
+def read_prompts(path: Path, limit: int | None = None, per_category: int | None = None) -> list[dict]:
+    """JSONL rows with `turns` (first turn used) or `prompt`; returns [{'id','category','prompt'}], the first
+    `limit` rows, or the first `per_category` rows of every category."""
     path = Path(path)
     if not path.is_file():
         raise MedusaError(f"prompts file {path} does not exist")
@@ -30,7 +31,10 @@ def read_prompts(path: Path, limit: int | None = None) -> list[dict]:
         prompt = row.get("prompt") or (row.get("turns") or [None])[0]
         if not isinstance(prompt, str) or not prompt:
             raise MedusaError(f"{path}:{n} has neither a 'prompt' string nor a non-empty 'turns' list")
-        rows.append({"id": row.get("question_id", n), "category": row.get("category", "all"), "prompt": prompt})
+        category = row.get("category", "all")
+        if per_category and sum(r["category"] == category for r in rows) >= per_category:
+            continue
+        rows.append({"id": row.get("question_id", n), "category": category, "prompt": prompt})
         if limit and len(rows) >= limit:
             break
     if not rows:

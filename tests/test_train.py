@@ -124,7 +124,9 @@ def test_seed_prompts_are_not_benchmark_prompts():
         w = words(text)
         return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
 
-    turns = [t for line in SPECBENCH.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]]
+    turns = [
+        t for line in SPECBENCH.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]
+    ]
     bench = {" ".join(words(t)) for t in turns}
     bench_shingles = set().union(*(shingles(t) for t in turns))
     for prompt in tr.load_seed_prompts():
@@ -148,23 +150,26 @@ def test_data_file_formats(tmp_path):
 
 def test_generation_jobs_start_greedy_then_sample():
     jobs = tr.generation_jobs(num_prompts=5, num_samples=12, seed=0)
-    assert [j.temperature for j in jobs[:5]] == [None] * 5 and sorted(j.prompt for j in jobs[:5]) == list(range(5))
+    assert [j.temperature for j in jobs[:5]] == [None] * 5
+    assert sorted(j.prompt for j in jobs[:5]) == list(range(5))
     assert all(j.temperature is not None for j in jobs[5:])
-    batches = tr.generation_batches(jobs, [3, 1, 4, 1, 5], size=4)
-    assert sorted(len(b) for b in batches) == [1, 1, 2, 4, 4]  # modes of 5, 5 and 2 jobs
-    assert all(len({(j.temperature, j.sampled_tokens) for j in b}) == 1 for b in batches)
+    assert {(j.temperature, j.sampled_tokens) for j in jobs[5:10]} == {tr.SAMPLED_PASSES[0]}
 
 
-def test_sampled_prefix_then_greedy(tiny_base):
-    """After `sampled_tokens` sampled tokens, a continuation is the greedy continuation of what it has."""
+def test_one_batch_mixes_greedy_and_sampled_then_greedy_rows(tiny_base):
+    """A greedy row is the greedy continuation; a row that samples 5 tokens then continues greedily from
+    them; a fully sampled row differs from greedy."""
     from medusa_export.reference import hf_greedy
 
     base = tiny_base("tiny-llama")
-    prompts = [base.tokenizer.encode(p).ids for p in ("Once upon a time", "x = 1")]
+    prompts = [base.tokenizer.encode(p).ids for p in ("Once upon a time", "x = 1", "Hello there")]
+    jobs = [tr.GenJob(0, None, None), tr.GenJob(1, 1.0, 5), tr.GenJob(2, 1.0, None)]
     torch.manual_seed(0)
-    outs = tr.generate_batch(base, prompts, tr.GenJob(0, 1.0, 5), 16, "cpu")
-    for prompt, out in zip(prompts, outs, strict=True):
-        assert out[5:] == hf_greedy(base, prompt + out[:5], len(out) - 5).tokens
+    greedy, prefix_then_greedy, sampled = tr.generate_batch(base, prompts, jobs, 16, "cpu")
+    assert greedy == hf_greedy(base, prompts[0], 16).tokens
+    out = prefix_then_greedy
+    assert out[5:] == hf_greedy(base, prompts[1] + out[:5], len(out) - 5).tokens
+    assert sampled != hf_greedy(base, prompts[2], 16).tokens
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -1,16 +1,19 @@
-"""TensorRT-RTX engines from tiny artifacts (it parses and builds on CPU), their sidecar, and TrtBackend's
-GPU-free planning. Running an engine needs a GPU of compute capability 8.0/8.6/8.9/12.x: skipped elsewhere."""
+"""TensorRT-RTX engines built from tiny artifacts (its builder needs no GPU), their sidecar and checks, and
+TrtBackend: its planning, and its whole loop with ONNX Runtime standing in for the engines. Real engines
+run only on a GPU of compute capability 8.0/8.6/8.9/12.x: that test is skipped elsewhere."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import PROMPTS, ROOT
+from conftest import PROMPTS, ROOT, oracle_check
 from medusa_runtime import contract
 from medusa_runtime.artifact import Artifact
 from medusa_runtime.backends import open_backend
@@ -39,7 +42,7 @@ NEEDS_GPU = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def engines(tiny_artifact, tmp_path_factory):
-    """name -> (artifact folder, engine path): tiny-llama and tiny-gemma3 built once, with their timings."""
+    """name -> (artifact folder, engine path): tiny-llama and tiny-gemma3 built once (timings with -s)."""
     built = {}
     for name in ("tiny-llama", "tiny-gemma3"):
         folder = tiny_artifact(name)
@@ -289,23 +292,138 @@ def test_without_a_gpu_engines_cannot_be_loaded(engines):
         open_backend("trt", Artifact.load(folder), max_nodes=8, engine=engine)
 
 
-@NEEDS_GPU
-def test_trt_backend_matches_ort(tiny_artifact, tmp_path):
+@pytest.fixture(scope="module")
+def roomy_engine(tiny_artifact, tmp_path_factory):
+    """tiny-gemma3 at the artifact's full max_seq with tree sizes [8]: room for the prompts + 24 tokens."""
+    folder = tiny_artifact("tiny-gemma3")
+    out = tmp_path_factory.mktemp("roomy") / "model.tensorrt-rtx.engine"
+    return folder, build_engine(folder, "tensorrt-rtx", [8], out=out, quiet=True)
+
+
+def check_trt_runtime(folder: Path, engine: Path, base) -> None:
+    """The trt backend against ort-cpu, with oracle heads (multi-row, non-first commits happen): Medusa ==
+    base greedy on both, then the same KV cache and logits; plain decoding gives the same tokens."""
     from medusa_runtime.api import MedusaRuntime
 
-    folder = tiny_artifact("tiny-gemma3")  # full max_seq, room for the prompts + 24 tokens
-    engine = build_engine(folder, "tensorrt-rtx", [8], out=tmp_path / "e.engine", quiet=True)
+    trt_rt = MedusaRuntime.open(folder, "trt", tree="tree8", engine=engine)
+    ort_rt = MedusaRuntime.open(folder, "ort-cpu", tree="tree8")
+    for runtime in (trt_rt, ort_rt):
+        kinds, _ = oracle_check(runtime, base, PROMPTS, 24)
+        assert {"full", "partial", "non-first"} <= kinds, kinds
+    backend, length = trt_rt.backend, ort_rt.backend.length
+    assert backend.length == length
+    for kv, want in zip(backend.plan.kv_names, ort_rt.backend.cache, strict=True):
+        got = np.empty((length, backend.plan.row_bytes // 4), np.float32)
+        backend.cuda.download(got, backend.pointers[f"cache/{kv}"])
+        backend.cuda.sync()
+        np.testing.assert_allclose(got, want.numpy()[0, :length].reshape(length, -1), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(backend.logits(), ort_rt.backend.logits(), rtol=1e-3, atol=1e-4)
+    plain = MedusaRuntime.open(folder, "trt", medusa=False, engine=engine)
+    ort_plain = MedusaRuntime.open(folder, "ort-cpu", medusa=False)
+    for prompt in PROMPTS:
+        assert plain.generate(prompt, 24).token_ids == ort_plain.generate(prompt, 24).token_ids
+
+
+@NEEDS_GPU
+def test_trt_backend_on_gpu(roomy_engine, tiny_base):
+    folder, engine = roomy_engine
     try:
         inspect_engine(engine, deserialize=True)
     except MedusaError as exc:  # e.g. an H200 (compute capability 9.0), which TensorRT-RTX refuses
         pytest.skip(f"this GPU cannot run TensorRT-RTX engines: {exc}")
-    for tree in ("tree8", None):  # a tree, and plain decoding
-        ort = MedusaRuntime.open(folder, "ort-cpu", tree=tree, medusa=tree is not None)
-        rt = MedusaRuntime.open(folder, "trt", tree=tree, medusa=tree is not None, engine=engine)
-        for prompt in PROMPTS:
-            want, got = ort.generate(prompt, 24), rt.generate(prompt, 24)
-            assert got.token_ids == want.token_ids
-        np.testing.assert_allclose(rt.backend.logits(), ort.backend.logits(), rtol=1e-3, atol=1e-3)
+    check_trt_runtime(folder, engine, tiny_base("tiny-gemma3"))
+
+
+class HostCuda:
+    """Stands in for polygraphy.cuda: "device" buffers in host memory, copies with memmove."""
+
+    def __init__(self):
+        self.buffers, self.stream = [], 0
+
+    def malloc(self, size: int) -> int:
+        self.buffers.append(np.zeros(max(size, 1), np.uint8))
+        return self.buffers[-1].ctypes.data
+
+    def upload(self, ptr: int, array: np.ndarray) -> None:
+        ctypes.memmove(ptr, np.ascontiguousarray(array).ctypes.data, array.nbytes)
+
+    def download(self, array: np.ndarray, ptr: int) -> None:
+        ctypes.memmove(array.ctypes.data, ptr, array.nbytes)
+
+    def sync(self) -> None:
+        pass
+
+
+class OrtContext:
+    """Stands in for an execution context: runs the engine's ONNX graph with ONNX Runtime on those buffers."""
+
+    TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+
+    def __init__(self, session):
+        self.session, self.shapes, self.pointers, self.profiles = session, {}, {}, []
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profiles.append(index)
+        return True
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.pointers[name] = ptr
+
+    def execute_async_v3(self, stream):
+        feeds = {}
+        for i in self.session.get_inputs():
+            dtype, shape = np.dtype(self.TYPES[i.type]), self.shapes[i.name]
+            raw = (ctypes.c_char * (int(np.prod(shape)) * dtype.itemsize)).from_address(self.pointers[i.name])
+            feeds[i.name] = np.frombuffer(raw, dtype).reshape(shape).copy()
+        for o, value in zip(self.session.get_outputs(), self.session.run(None, feeds), strict=True):
+            value = np.ascontiguousarray(value)
+            ctypes.memmove(self.pointers[o.name], value.ctypes.data, value.nbytes)
+        return True
+
+
+def ort_tensorrt(folder: Path, meta: dict):
+    """A stand-in tensorrt module whose engines are the artifact's ONNX graphs (told apart by file size)."""
+    import onnxruntime
+
+    parts = meta["engines"]
+    graphs = {parts["model"]["bytes"]: "model.onnx", parts["commit"]["bytes"]: "kv_commit.onnx"}
+
+    class Engine:
+        def __init__(self, data: bytes):
+            self.session = onnxruntime.InferenceSession(str(folder / graphs[len(data)]))
+            self.contexts = []
+
+        def create_execution_context(self):
+            self.contexts.append(OrtContext(self.session))
+            return self.contexts[-1]
+
+    class ILogger:
+        Severity = SimpleNamespace(ERROR=1, WARNING=2)
+
+        def __init__(self):
+            pass
+
+    runtime = SimpleNamespace(deserialize_cuda_engine=Engine)
+    return SimpleNamespace(__name__="ort_tensorrt", __version__=meta["tensorrt_version"], ILogger=ILogger,
+                           Runtime=lambda logger: runtime)
+
+
+def test_trt_backend_over_ort_and_host_memory(roomy_engine, tiny_base, monkeypatch):
+    """TrtBackend's own logic (profiles, shapes, bindings at byte offsets, KV commit) without a GPU: the
+    engines are replaced by ONNX Runtime over the same graphs, device memory by host memory."""
+    from medusa_runtime.backends import trt as backend
+
+    folder, engine = roomy_engine
+    fake = ort_tensorrt(folder, load_engine_sidecar(engine))
+    monkeypatch.setattr(backend, "import_tensorrt", lambda flavor: ("tensorrt-rtx", fake))
+    monkeypatch.setattr(backend, "_Cuda", HostCuda)
+    check_trt_runtime(folder, engine, tiny_base("tiny-gemma3"))
+    rt = open_backend("trt", Artifact.load(folder), max_nodes=8, engine=engine)
+    assert rt.capacity == 256 and rt.plan.max_prompt == 248
 
 
 @pytest.mark.slow
