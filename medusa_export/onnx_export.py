@@ -23,7 +23,8 @@ from .progress import stage
 
 ONNX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TREE_DIR = Path(__file__).resolve().parent.parent / "configs" / "trees"
-DEFAULT_TREES = ("chain1", "chain2", "chain3", "chain4", "tree4", "tree8", "tree16", "mc_sim_7b_63")
+DEFAULT_TREES = ("chain1", "chain2", "chain3", "chain4", "tree4", "tree8", "tree16", "mc_sim_7b_63",
+                 "gemma3-270m-8", "gemma3-270m-16", "gemma3-270m-32", "gemma3-270m-64")
 
 
 def export_onnx(

@@ -6,7 +6,7 @@ set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD:$PWD/runtime HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 ART=${ART:-/tmp/art}
-HEADS=${HEADS:-$ART/heads}
+export HEADS=${HEADS:-gemma3-270m-medusa}
 PROMPTS=${PROMPTS:-.device/data/specbench_dev.jsonl}
 cli() { python3 -m medusa_export.cli "$@"; }
 mkdir -p "$OUT" "$ART"
@@ -19,7 +19,7 @@ case "$1" in
     (cd "$ART/heads" && tar -cf "$OUT/heads.tar" --exclude='*.pt' --exclude='data*' --exclude='checkpoint*' .) ;;
   export)  # bf16 and fp32 artifacts of gemma3-270m + heads
     for dt in bf16 fp32; do
-      cli onnx gemma3-270m --heads "$HEADS" --dtype "$dt" --out "$ART/gemma3-270m-$dt" --max-seq 2048 "${@:2}" 2>&1 | tail -3
+      cli onnx gemma3-270m --heads "$HEADS" --dtype "$dt" --out "$ART/gemma3-270m-$dt" --max-seq 2048 --default-tree gemma3-270m-64 "${@:2}" 2>&1 | tail -3
     done ;;
   validate)
     for dt in bf16 fp32; do
@@ -29,5 +29,12 @@ case "$1" in
   bench)
     cli bench "$ART/gemma3-270m-bf16" --prompts "$PROMPTS" --backend ort-cuda "${@:2}" --out "$OUT/bench-gpu.json" \
       2>&1 | tee "$OUT/bench-gpu.log" ;;
+  all)  # one call: train, export, validate, bench (each stage time-boxed so later ones still run)
+    timeout 230 bash "$0" train --num-samples 2000 --max-new-tokens 192 --epochs 2 || echo "train stage: rc $?"
+    [ -f "$ART/heads/config.json" ] || HEADS=random:4
+    HEADS=$HEADS timeout 150 bash "$0" export || echo "export stage: rc $?"
+    timeout 80 bash "$0" validate || echo "validate stage: rc $?"
+    timeout 110 bash "$0" bench --tree "$ART/heads/gemma3-270m-64.json" --per-category 1 --max-new-tokens 96 \
+      || echo "bench stage: rc $?" ;;
   *) echo "usage: $0 train|export|validate|bench [extra options]" >&2; exit 2 ;;
 esac
