@@ -4,7 +4,7 @@ PY ?= .venv/bin/python
 CLI := .venv/bin/medusa-export
 PROMPTS ?= ../shared/data/specbench_dev.jsonl
 ART ?= artifacts
-HEADS ?= random:4
+HEADS ?= gemma3-270m-medusa
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export PYTHONUNBUFFERED := 1
@@ -33,7 +33,7 @@ pytest: install
 	$(PY) -m pytest
 
 $(ART)/gemma3-270m/artifact.json: | install
-	$(CLI) onnx gemma3-270m --heads $(HEADS) --out $(ART)/gemma3-270m --max-seq 2048
+	$(CLI) onnx gemma3-270m --heads $(HEADS) --out $(ART)/gemma3-270m --max-seq 2048 --default-tree gemma3-270m-8
 
 $(ART)/tiny-%/artifact.json: | install
 	$(CLI) onnx tiny-$* --heads random:4 --out $(ART)/tiny-$* --max-seq 2048

@@ -13,9 +13,10 @@ a 262k vocabulary.
 
 Data, by default self-distillation: the base continues the seed prompts of configs/train_seeds.jsonl
 (encoded like the runtime encodes prompts: the tokenizer's own special tokens, no chat template). Pass 0
-over the prompts is greedy; each later pass samples its first m tokens at temperature tau and continues
-greedily (m = all: fully sampled), which keeps the text close to what greedy decoding sees at inference
-while varying it. Only continuation tokens are targets. `--data FILE` gives either a JSONL file (`text`
+over the prompts is greedy; each later pass samples its first m tokens (temperature tau, min-p 0.05) and
+then continues greedily (m = all: fully sampled), which keeps the text close to what greedy decoding sees
+at inference while varying it. Every row has its own mode, so one left-padded batch mixes them all. Only
+continuation tokens are targets. `--data FILE` gives either a JSONL file (`text`
 rows are trained on directly; `prompt` or `turns` rows are continued like the seeds) or a text file of
 blank-line-separated documents. The held-out split is by prompt (or document), so that no continuation of
 a held-out prompt is trained on.
@@ -349,10 +350,11 @@ def _row_sampling_class():
             import torch
 
             scores = scores.float() / self.temperature[:, None]
-            top = scores.amax(-1, keepdim=True)
+            top = scores.argmax(-1, keepdim=True)  # the first of tied maxima, as greedy decoding picks
+            keep = scores >= scores.gather(1, top) + math.log(MIN_P)  # min-p, in logit space
             greedy = (self.sampled <= input_ids.shape[1] - self.prompt_width)[:, None]
-            floor = torch.where(greedy, top, top + math.log(MIN_P))  # min-p, in logit space
-            return scores.masked_fill(scores < floor, -math.inf)
+            keep = torch.where(greedy, torch.zeros_like(keep).scatter_(1, top, True), keep)
+            return scores.masked_fill(~keep, -math.inf)
 
     return RowSampling
 
