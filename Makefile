@@ -28,6 +28,7 @@ demo: install $(ART)/gemma3-270m/artifact.json
 test: install
 	$(PY) -m pytest
 	$(MAKE) validate
+	$(CLI) bench $(ART)/gemma3-270m --prompts $(PROMPTS) --limit 2 --max-new-tokens 16 --out $(ART)/bench-smoke.json
 
 pytest: install
 	$(PY) -m pytest

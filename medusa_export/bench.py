@@ -56,15 +56,32 @@ class TimedBackend:
 def _stats(values: list[float]) -> dict:
     values = sorted(values)
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "p25": q[0], "p75": q[2], "min": values[0], "max": values[-1]}
+    return {
+        "median": statistics.median(values),
+        "p25": q[0],
+        "p75": q[2],
+        "min": values[0],
+        "max": values[-1],
+    }
 
 
-def bench(folder: Path, prompts: Path, backend: str = "ort-cpu", tree: str | None = None, max_new_tokens: int = 128,
-          limit: int | None = None, runs: int = 1, hf: bool = True, out: Path | None = None, quiet: bool = False,
-          per_category: int | None = None) -> dict:
+def bench(
+    folder: Path,
+    prompts: Path,
+    backend: str = "ort-cpu",
+    tree: str | None = None,
+    max_new_tokens: int = 128,
+    limit: int | None = None,
+    runs: int = 1,
+    hf: bool = True,
+    out: Path | None = None,
+    quiet: bool = False,
+    per_category: int | None = None,
+) -> dict:
+    from tqdm import tqdm
+
     from medusa_runtime.api import MedusaRuntime
     from medusa_runtime.tree import build_tree
-    from tqdm import tqdm
 
     from .reference import hf_greedy
     from .validate import read_prompts
@@ -72,7 +89,9 @@ def bench(folder: Path, prompts: Path, backend: str = "ort-cpu", tree: str | Non
     medusa = MedusaRuntime.open(folder, backend=backend, tree=tree)
     timed = TimedBackend(medusa.backend)
     medusa.backend = timed
-    plain = MedusaRuntime(timed, medusa.tokenizer, build_tree([]), medusa.eos, medusa.window, tree_name="plain")
+    plain = MedusaRuntime(
+        timed, medusa.tokenizer, build_tree([]), medusa.eos, medusa.window, tree_name="plain"
+    )
     meta = medusa.artifact.meta
     rows = read_prompts(prompts, limit, per_category)
     base = _hf_model(meta, backend) if hf else None
@@ -99,23 +118,44 @@ def bench(folder: Path, prompts: Path, backend: str = "ort-cpu", tree: str | Non
         ids = medusa.encode(row["prompt"])
         outputs = {}
         for r in range(runs):
-            order = methods[(i + r) % len(methods):] + methods[: (i + r) % len(methods)]  # interleave
+            order = methods[(i + r) % len(methods) :] + methods[: (i + r) % len(methods)]  # interleave
             for m in order:
                 tokens, secs, dev, acc = run(m, ids)
                 outputs[m] = tokens
-                samples[m].append({"tok_s": len(tokens) / secs, "device_s": dev, "seconds": secs, "accepted": acc,
-                                   "tokens": len(tokens), "category": row["category"]})
+                samples[m].append(
+                    {
+                        "tok_s": len(tokens) / secs,
+                        "device_s": dev,
+                        "seconds": secs,
+                        "accepted": acc,
+                        "tokens": len(tokens),
+                        "category": row["category"],
+                    }
+                )
             bar.update(1)
         same = all(outputs[m] == outputs["plain"] for m in methods)
         identical += same
-        per_prompt.append({"id": row["id"], "category": row["category"], "identical": same,
-                           **{f"{m}_tokens": len(outputs[m]) for m in methods}})
+        per_prompt.append(
+            {
+                "id": row["id"],
+                "category": row["category"],
+                "identical": same,
+                **{f"{m}_tokens": len(outputs[m]) for m in methods},
+            }
+        )
     bar.close()
 
     result = {
-        "artifact": str(folder), "backend": backend, "dtype": meta["dtype"], "tree": medusa.tree_name,
-        "tree_nodes": medusa.tree.num_nodes, "max_new_tokens": max_new_tokens, "prompts": len(rows), "runs": runs,
-        "identical_outputs": identical, "methods": {},
+        "artifact": str(folder),
+        "backend": backend,
+        "dtype": meta["dtype"],
+        "tree": medusa.tree_name,
+        "tree_nodes": medusa.tree.num_nodes,
+        "max_new_tokens": max_new_tokens,
+        "prompts": len(rows),
+        "runs": runs,
+        "identical_outputs": identical,
+        "methods": {},
     }
     for m in methods:
         s = samples[m]
@@ -145,18 +185,28 @@ def bench(folder: Path, prompts: Path, backend: str = "ort-cpu", tree: str | Non
 def summary_line(result: dict) -> str:
     m = result["methods"]
     hf = f"{m['hf']['tok_s']['median']:.1f}" if "hf" in m else "n/a"
-    return (f"bench: medusa {m['medusa']['tok_s']['median']:.1f} tok/s, plain {m['plain']['tok_s']['median']:.1f} tok/s, "
-            f"hf {hf} tok/s, speedup {result['speedup']:.2f}x, accepted {m['medusa']['accepted']:.2f} tokens/step")
+    return (
+        f"bench: medusa {m['medusa']['tok_s']['median']:.1f} tok/s, plain {m['plain']['tok_s']['median']:.1f} tok/s, "
+        f"hf {hf} tok/s, speedup {result['speedup']:.2f}x, accepted {m['medusa']['accepted']:.2f} tokens/step"
+    )
 
 
 def report_lines(result: dict) -> list[str]:
-    lines = [f"{result['prompts']} prompts x {result['runs']} runs, {result['max_new_tokens']} new tokens, "
-             f"{result['backend']} {result['dtype']}, tree {result['tree']} ({result['tree_nodes']} nodes); "
-             f"outputs identical on {result['identical_outputs']}/{result['prompts']} prompts"]
+    lines = [
+        f"{result['prompts']} prompts x {result['runs']} runs, {result['max_new_tokens']} new tokens, "
+        f"{result['backend']} {result['dtype']}, tree {result['tree']} ({result['tree_nodes']} nodes); "
+        f"outputs identical on {result['identical_outputs']}/{result['prompts']} prompts"
+    ]
     for name, m in result["methods"].items():
         t = m["tok_s"]
-        split = f", device {m['device_fraction']:.0%} / host {m['host_fraction']:.0%}" if "device_fraction" in m else ""
-        lines.append(f"  {name:7s} median {t['median']:.1f} tok/s (p25 {t['p25']:.1f}, p75 {t['p75']:.1f}){split}")
+        split = (
+            f", device {m['device_fraction']:.0%} / host {m['host_fraction']:.0%}"
+            if "device_fraction" in m
+            else ""
+        )
+        lines.append(
+            f"  {name:7s} median {t['median']:.1f} tok/s (p25 {t['p25']:.1f}, p75 {t['p75']:.1f}){split}"
+        )
     cats = result["methods"]["medusa"]["accepted_by_category"]
     lines.append("  accepted tokens/step by category: " + ", ".join(f"{c} {a:.2f}" for c, a in cats.items()))
     return lines
@@ -185,8 +235,10 @@ def _plot(result: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(result["methods"])
     med = [result["methods"][n]["tok_s"]["median"] for n in names]
-    err = [[m - result["methods"][n]["tok_s"]["p25"] for n, m in zip(names, med)],
-           [result["methods"][n]["tok_s"]["p75"] - m for n, m in zip(names, med)]]
+    err = [
+        [m - result["methods"][n]["tok_s"]["p25"] for n, m in zip(names, med)],
+        [result["methods"][n]["tok_s"]["p75"] - m for n, m in zip(names, med)],
+    ]
     a.bar(names, med, yerr=err, capsize=4, color=["tab:green", "tab:blue", "tab:gray"][: len(names)])
     a.set_ylabel("tokens/s (median, p25-p75)")
     a.set_title(f"{result['backend']} {result['dtype']}, tree {result['tree']}")

@@ -13,11 +13,19 @@ import typer
 
 from medusa_runtime.errors import MedusaError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Export a causal LM + Medusa heads to ONNX / TensorRT; run and validate the Medusa loop.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Export a causal LM + Medusa heads to ONNX / TensorRT; run and validate the Medusa loop.",
+)
 
-Heads = Annotated[str, typer.Option("--heads", help="heads folder (FasterDecoding format), built-in name, or random:K")]
-Tree = Annotated[str | None, typer.Option("--tree", help="tree preset name or JSON file (default: the artifact's)")]
+Heads = Annotated[
+    str, typer.Option("--heads", help="heads folder (FasterDecoding format), built-in name, or random:K")
+]
+Tree = Annotated[
+    str | None, typer.Option("--tree", help="tree preset name or JSON file (default: the artifact's)")
+]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")]
 Backend = Annotated[str, typer.Option("--backend", help="torch | ort-cpu | ort-cuda | trt")]
 Prompts = Annotated[Path, typer.Option("--prompts", help="JSONL file: first of `turns`, or `prompt`")]
@@ -31,16 +39,24 @@ def _fail(message: str) -> None:
 
 @app.command()
 def onnx(
-    model: Annotated[str, typer.Argument(help="gemma3-270m, tiny-llama|tiny-qwen2|tiny-gemma3, HF folder, or .gguf")],
+    model: Annotated[
+        str, typer.Argument(help="gemma3-270m, tiny-llama|tiny-qwen2|tiny-gemma3, HF folder, or .gguf")
+    ],
     heads: Heads,
     out: Annotated[Path, typer.Option("--out", help="artifact folder to write")],
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16")] = "fp32",
     max_seq: Annotated[int, typer.Option("--max-seq", help="KV capacity (prompt + generated + tree)")] = 2048,
     opset: Annotated[int, typer.Option("--opset")] = 18,
-    tree: Annotated[list[str] | None, typer.Option("--tree", help="trees to serve (repeatable; default: presets)")] = None,
+    tree: Annotated[
+        list[str] | None, typer.Option("--tree", help="trees to serve (repeatable; default: presets)")
+    ] = None,
     default_tree: Annotated[str | None, typer.Option("--default-tree")] = None,
-    draft_vocab: Annotated[int, typer.Option("--draft-vocab", min=0,
-                                             help="heads project onto the N most frequent tokens (0: full vocab)")] = 0,
+    draft_vocab: Annotated[
+        int,
+        typer.Option(
+            "--draft-vocab", min=0, help="heads project onto the N most frequent tokens (0: full vocab)"
+        ),
+    ] = 0,
 ):
     """Trace base model + Medusa heads into ONNX (+ sidecar, tokenizer) with tree-mask and tree-position inputs."""
     from .onnx_export import export_onnx
@@ -51,9 +67,13 @@ def onnx(
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Argument(help="artifact folder (runtime backends) or MODEL (--backend torch)")],
+    model: Annotated[
+        str, typer.Argument(help="artifact folder (runtime backends) or MODEL (--backend torch)")
+    ],
     prompt: Annotated[str, typer.Option("--prompt")],
-    heads: Annotated[str | None, typer.Option("--heads", help="with --backend torch: heads folder or random:K")] = None,
+    heads: Annotated[
+        str | None, typer.Option("--heads", help="with --backend torch: heads folder or random:K")
+    ] = None,
     tree: Tree = None,
     backend: Backend = "ort-cpu",
     max_new_tokens: MaxNew = 128,
@@ -86,7 +106,9 @@ def generate(
     else:
         from medusa_runtime.api import MedusaRuntime
 
-        runtime = MedusaRuntime.open(model, backend=backend, tree=tree, medusa=not no_medusa, acceptance=acceptance)
+        runtime = MedusaRuntime.open(
+            model, backend=backend, tree=tree, medusa=not no_medusa, acceptance=acceptance
+        )
     start = time.perf_counter()
     for piece in runtime.stream(prompt, max_new_tokens, stop or ()):
         sys.stdout.write(piece)
@@ -94,8 +116,11 @@ def generate(
     n_tokens, steps = runtime.last_stats
     seconds = time.perf_counter() - start
     accepted = (n_tokens - 1) / (steps - 1) if steps > 1 else 0.0
-    typer.echo(f"\n[{backend}, tree {runtime.tree_name}] {n_tokens} tokens in {seconds:.2f}s: "
-               f"{n_tokens / seconds:.1f} tokens/s, mean accepted {accepted:.2f} tokens/step", err=True)
+    typer.echo(
+        f"\n[{backend}, tree {runtime.tree_name}] {n_tokens} tokens in {seconds:.2f}s: "
+        f"{n_tokens / seconds:.1f} tokens/s, mean accepted {accepted:.2f} tokens/step",
+        err=True,
+    )
 
 
 @app.command()
@@ -123,7 +148,13 @@ def tree_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="write the built tree here")] = None,
 ):
     """Show a tree's buffers, or build one from measured head accuracies (Medusa's greedy construction)."""
-    from medusa_runtime.tree import build_tree, expected_accept_length, load_choices, load_rank_accuracy, tree_from_accuracy
+    from medusa_runtime.tree import (
+        build_tree,
+        expected_accept_length,
+        load_choices,
+        load_rank_accuracy,
+        tree_from_accuracy,
+    )
 
     from .fsutil import atomic_file
     from .onnx_export import TREE_DIR
@@ -132,8 +163,12 @@ def tree_cmd(
         acc = load_rank_accuracy(from_accuracy)
         choices = tree_from_accuracy(acc, nodes)
         name = out.stem if out else f"from-accuracy-{nodes}"
-        doc = {"name": name, "description": f"greedy tree of {nodes} nodes from {from_accuracy.name}, "
-               f"expected {expected_accept_length(choices, acc):.3f} tokens/step", "choices": choices}
+        doc = {
+            "name": name,
+            "description": f"greedy tree of {nodes} nodes from {from_accuracy.name}, "
+            f"expected {expected_accept_length(choices, acc):.3f} tokens/step",
+            "choices": choices,
+        }
         if out:
             with atomic_file(out) as tmp:
                 tmp.write_text(json.dumps(doc, indent=1) + "\n")
@@ -148,8 +183,10 @@ def tree_cmd(
     if as_json:
         typer.echo(json.dumps({"name": name, **buffers.to_json_dict()}))
     else:
-        typer.echo(f"{name}: {buffers.num_nodes} nodes (root included), depth {buffers.depth}, "
-                   f"{buffers.num_leaves} leaves, top-{buffers.topk}")
+        typer.echo(
+            f"{name}: {buffers.num_nodes} nodes (root included), depth {buffers.depth}, "
+            f"{buffers.num_leaves} leaves, top-{buffers.topk}"
+        )
 
 
 @app.command()
@@ -162,14 +199,20 @@ def bench(
     limit: Limit = None,
     runs: Annotated[int, typer.Option("--runs", min=1, help="repetitions per prompt (interleaved)")] = 1,
     hf: Annotated[bool, typer.Option("--hf/--no-hf", help="also time transformers generate")] = True,
-    out: Annotated[Path | None, typer.Option("--out", help="RESULT.json (a PNG plot is written next to it)")] = None,
-    per_category: Annotated[int | None, typer.Option("--per-category", min=1, help="first N prompts of each category")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="RESULT.json (a PNG plot is written next to it)")
+    ] = None,
+    per_category: Annotated[
+        int | None, typer.Option("--per-category", min=1, help="first N prompts of each category")
+    ] = None,
 ):
     """Medusa vs plain decoding (same runtime, same artifact) vs transformers generate, interleaved per prompt."""
     from .bench import bench as run
     from .bench import report_lines, summary_line
 
-    result = run(folder, prompts, backend, tree, max_new_tokens, limit, runs, hf, out, per_category=per_category)
+    result = run(
+        folder, prompts, backend, tree, max_new_tokens, limit, runs, hf, out, per_category=per_category
+    )
     for line in report_lines(result):
         typer.echo(line)
     typer.echo(summary_line(result))

@@ -40,7 +40,9 @@ def draft_ids(heads_spec: str, size: int, vocab_size: int):
 
     path = Path(heads_path(heads_spec)) / FILE
     if not path.is_file():
-        raise MedusaError(f"--draft-vocab needs {FILE} next to the heads (written by `medusa-export train`); {path} is missing")
+        raise MedusaError(
+            f"--draft-vocab needs {FILE} next to the heads (written by `medusa-export train`); {path} is missing"
+        )
     ids = json.loads(path.read_text())["ids"]
     if len(ids) < size:
         raise MedusaError(f"{path} ranks {len(ids)} tokens, fewer than --draft-vocab {size}")

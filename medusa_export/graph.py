@@ -16,15 +16,21 @@ from .models.common import ExplicitDecoder
 
 
 class MedusaGraph(nn.Module):
-    def __init__(self, decoder: ExplicitDecoder, heads: MedusaHeads, topk: int, draft_ids: torch.Tensor | None = None):
+    def __init__(
+        self, decoder: ExplicitDecoder, heads: MedusaHeads, topk: int, draft_ids: torch.Tensor | None = None
+    ):
         super().__init__()
         self.decoder, self.heads, self.topk = decoder, heads, topk
-        self.register_buffer("draft_ids", None if draft_ids is None else draft_ids.to(torch.int64), persistent=False)
+        self.register_buffer(
+            "draft_ids", None if draft_ids is None else draft_ids.to(torch.int64), persistent=False
+        )
         if draft_ids is not None:  # [N] token ids
             if heads.shared_lm_head:
                 weight = decoder.lm_head_weight()[draft_ids][None]  # [1, N, C]
             else:
-                weight = torch.stack([h[heads.num_layers].weight[draft_ids] for h in heads.heads])  # [K, N, C]
+                weight = torch.stack(
+                    [h[heads.num_layers].weight[draft_ids] for h in heads.heads]
+                )  # [K, N, C]
             self.register_buffer("draft_weight", weight.detach().clone(), persistent=False)
 
     def forward(self, input_ids, position_ids, attention_mask, *rest):

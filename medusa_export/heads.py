@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from medusa_runtime.errors import MedusaError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medusa_export.fsutil import atomic_file
+from medusa_runtime.errors import MedusaError
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = {"safetensors": "medusa_lm_head.safetensors", "pt": "medusa_lm_head.pt"}  # load prefers first

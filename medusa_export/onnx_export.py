@@ -23,8 +23,20 @@ from .progress import stage
 
 ONNX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TREE_DIR = Path(__file__).resolve().parent.parent / "configs" / "trees"
-DEFAULT_TREES = ("chain1", "chain2", "chain3", "chain4", "tree4", "tree8", "tree16", "mc_sim_7b_63",
-                 "gemma3-270m-8", "gemma3-270m-16", "gemma3-270m-32", "gemma3-270m-64")
+DEFAULT_TREES = (
+    "chain1",
+    "chain2",
+    "chain3",
+    "chain4",
+    "tree4",
+    "tree8",
+    "tree16",
+    "mc_sim_7b_63",
+    "gemma3-270m-8",
+    "gemma3-270m-16",
+    "gemma3-270m-32",
+    "gemma3-270m-64",
+)
 
 
 def export_onnx(
@@ -40,7 +52,6 @@ def export_onnx(
     quiet: bool = False,
 ) -> Path:
     """Export MODEL + HEADS to the artifact folder `out` (written atomically). Returns `out`."""
-    import torch
 
     from .draft_vocab import draft_ids
     from .graph import MedusaGraph
@@ -58,7 +69,7 @@ def export_onnx(
         decoder = explicit_model(base)
         cfg = decoder.cfg
         med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
-        drafts = draft_ids(heads, draft_vocab, cfg.vocab_size)
+        drafts = draft_ids(heads, draft_vocab or _trained_draft_vocab(heads), cfg.vocab_size)
     head_vocab = cfg.vocab_size if drafts is None else len(drafts)
     served = _served_trees(trees, med.num_heads)
     if not served:
@@ -72,7 +83,14 @@ def export_onnx(
     kv_dtype = ONNX_DTYPES[dtype]
     inputs = contract.graph_inputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, cfg.has_sliding)
     outputs = contract.graph_outputs(
-        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, med.num_heads, cfg.vocab_size, topk, head_vocab
+        cfg.num_layers,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        kv_dtype,
+        med.num_heads,
+        cfg.vocab_size,
+        topk,
+        head_vocab,
     )
     graph = MedusaGraph(decoder, med, topk, drafts).eval()
     with atomic_dir(out) as tmp:
@@ -80,7 +98,9 @@ def export_onnx(
             _trace(graph, inputs, outputs, tmp / "model.onnx", opset, torch_dtype_of(dtype))
         with stage("checking the graph (onnx.checker, shape inference)", quiet):
             _check(tmp / "model.onnx", inputs, outputs)
-            _write_commit_graph(tmp / "kv_commit.onnx", cfg.num_layers, kv_dtype, cfg.num_kv_heads, cfg.head_dim)
+            _write_commit_graph(
+                tmp / "kv_commit.onnx", cfg.num_layers, kv_dtype, cfg.num_kv_heads, cfg.head_dim
+            )
         base.tokenizer.save(str(tmp / "tokenizer.json"))
         sidecar = {
             "format": Artifact.FORMAT,
@@ -108,6 +128,14 @@ def export_onnx(
     return out
 
 
+def _trained_draft_vocab(heads: str) -> int:
+    """Heads trained on a draft vocabulary record its size in config.json: they must be exported with it."""
+    from .heads import heads_path
+
+    config = Path(heads_path(heads)) / "config.json"
+    return json.loads(config.read_text()).get("draft_vocab", 0) if config.is_file() else 0
+
+
 def _ref(spec: str) -> str:
     """A model/heads reference that stays valid from another working directory."""
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
@@ -120,7 +148,9 @@ def _served_trees(names: list[str] | None, num_heads: int) -> dict[str, list]:
         if build_tree(choices).depth <= num_heads:
             served[name] = choices
         elif names:
-            raise MedusaError(f"tree {name!r} needs {build_tree(choices).depth} heads, the heads have {num_heads}")
+            raise MedusaError(
+                f"tree {name!r} needs {build_tree(choices).depth} heads, the heads have {num_heads}"
+            )
     return served
 
 
@@ -204,10 +234,14 @@ def _rename_dims(model, inputs, outputs) -> None:
     for value in _all_values(model.graph):
         if value.shape is None:
             continue
-        dims = [ir.SymbolicDim(rename.get(str(d), str(d))) if not isinstance(d, int) else d for d in value.shape]
+        dims = [
+            ir.SymbolicDim(rename.get(str(d), str(d))) if not isinstance(d, int) else d for d in value.shape
+        ]
         value.shape = ir.Shape(dims)
     for spec in [*inputs, *outputs]:  # the contract wins over whatever the exporter inferred
-        values[spec.name].shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in spec.shape])
+        values[spec.name].shape = ir.Shape(
+            [d if isinstance(d, int) else ir.SymbolicDim(d) for d in spec.shape]
+        )
 
 
 def _all_values(graph):
@@ -235,14 +269,18 @@ def _write_commit_graph(path: Path, num_layers: int, kv_dtype: str, kv_heads: in
     import onnx
     from onnx import TensorProto, helper
 
-    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[kv_dtype]
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[
+        kv_dtype
+    ]
     src, dst = contract.commit_names(num_layers)
     rows = helper.make_tensor_value_info(contract.COMMIT_ROWS, TensorProto.INT64, ["kept"])
     ins = [helper.make_tensor_value_info(n, elem, ["batch", "tokens", kv_heads, head_dim]) for n in src]
     outs = [helper.make_tensor_value_info(n, elem, ["batch", "kept", kv_heads, head_dim]) for n in dst]
     nodes = [helper.make_node("Gather", [s, contract.COMMIT_ROWS], [d], axis=1) for s, d in zip(src, dst)]
     graph = helper.make_graph(nodes, "kv_commit", [rows, *ins], outs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="medusa-export")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="medusa-export"
+    )
     model.ir_version = 9
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))

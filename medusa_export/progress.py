@@ -14,4 +14,8 @@ def stage(label: str, quiet: bool = False):
         print(f"[medusa-export] {label} ...", file=sys.stderr, flush=True)
     yield
     if not quiet:
-        print(f"[medusa-export] {label}: done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        print(
+            f"[medusa-export] {label}: done in {time.perf_counter() - start:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from medusa_runtime.acceptance import Greedy
 from medusa_runtime.api import MedusaRuntime
 from medusa_runtime.tree import build_tree, load_choices
@@ -36,15 +37,16 @@ def hf_greedy(base, prompt_ids: list[int], max_new_tokens: int, scores: bool = T
             output_logits=scores,
             return_dict_in_generate=True,
         )
-    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    tokens = out.sequences[0, len(prompt_ids) :].tolist()
     if not scores:
         return Reference(tokens, [], [])
     top2 = [torch.topk(step[0].float(), 2).values.tolist() for step in out.logits]
     return Reference(tokens, [a - b for a, b in top2], [a for a, _ in top2])
 
 
-def torch_runtime(base, heads, tree: str | None = "tree8", max_seq: int = 2048, acceptance=Greedy(),
-                  device: str = "cpu") -> MedusaRuntime:
+def torch_runtime(
+    base, heads, tree: str | None = "tree8", max_seq: int = 2048, acceptance=Greedy(), device: str = "cpu"
+) -> MedusaRuntime:
     """The PyTorch Medusa decoder: explicit forward + heads, run eagerly, driven by the runtime's loop."""
     from .graph import MedusaGraph
     from .models import explicit_model
@@ -55,8 +57,9 @@ def torch_runtime(base, heads, tree: str | None = "tree8", max_seq: int = 2048, 
     buffers = build_tree(choices, num_heads=heads.num_heads)
     graph = MedusaGraph(decoder, heads.to(device).eval(), max(1, buffers.topk)).eval()
     backend = TorchBackend(graph, max_seq, device)
-    return MedusaRuntime(backend, base.tokenizer, buffers, base.eos_token_ids, decoder.cfg.sliding_window,
-                         acceptance, name)
+    return MedusaRuntime(
+        backend, base.tokenizer, buffers, base.eos_token_ids, decoder.cfg.sliding_window, acceptance, name
+    )
 
 
 class OracleDrafter:
@@ -64,8 +67,15 @@ class OracleDrafter:
     from a seeded schedule (rank 0 most often, sometimes rank 1 or 2, sometimes not at all), with distinct
     wrong tokens in the other slots. Greedy acceptance must still give exactly the base greedy output."""
 
-    def __init__(self, prompt_len: int, future: list[int], vocab: int, seed: int = 0,
-                 rank_probs=(0.6, 0.15, 0.05), topk: int | None = None):
+    def __init__(
+        self,
+        prompt_len: int,
+        future: list[int],
+        vocab: int,
+        seed: int = 0,
+        rank_probs=(0.6, 0.15, 0.05),
+        topk: int | None = None,
+    ):
         self.prompt_len, self.future, self.vocab, self.seed = prompt_len, future, vocab, seed
         self.rank_probs, self.topk = rank_probs, topk
 

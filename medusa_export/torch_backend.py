@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from medusa_runtime.backends.base import Backend, StepOutput
 from medusa_runtime.errors import MedusaError
 
@@ -17,7 +18,9 @@ class TorchBackend(Backend):
         dtype = graph.decoder.lm_head_weight().dtype
         self.graph, self.cfg, self.capacity, self.device = graph, cfg, capacity, device
         shape = (1, capacity, cfg.num_kv_heads, cfg.head_dim)
-        self.cache = [[torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)] for _ in range(cfg.num_layers)]
+        self.cache = [
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)] for _ in range(cfg.num_layers)
+        ]
         self.new_kv: list = []
         self.last_logits = None
 
@@ -27,8 +30,11 @@ class TorchBackend(Backend):
         if self.length + t > self.capacity:
             raise MedusaError(f"KV cache full: {self.length} + {t} tokens exceed capacity {self.capacity}")
         dev = self.device
-        args = [torch.from_numpy(np.asarray(input_ids))[None].to(dev), torch.from_numpy(np.asarray(positions))[None].to(dev),
-                torch.from_numpy(masks[0]).to(dev)]
+        args = [
+            torch.from_numpy(np.asarray(input_ids))[None].to(dev),
+            torch.from_numpy(np.asarray(positions))[None].to(dev),
+            torch.from_numpy(masks[0]).to(dev),
+        ]
         if self.cfg.has_sliding:
             args.append(torch.from_numpy(masks[1]).to(dev))
         args.append(torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(dev))

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
 from medusa_runtime.errors import MedusaError
 
 from .fsutil import atomic_file
@@ -90,6 +91,9 @@ class TrainSettings:
     head_decay: float = 0.8
     save_every: int = 200
     warmup: float = 0.05  # fraction of steps with a linear learning-rate warm-up (then cosine to zero)
+    draft_vocab: int = (
+        0  # >0: softmax over the N most frequent target tokens only (export with --draft-vocab N)
+    )
     quiet: bool = False
 
 
@@ -580,6 +584,7 @@ def hidden_states(decoder: ExplicitDecoder, tokens: torch.Tensor) -> torch.Tenso
     """Final-normed hidden states [B, T, C] in float32: the explicit decoder, causal masks, no cache."""
     import numpy as np
     import torch
+
     from medusa_runtime.masks import causal, step_masks
 
     from .models.common import empty_past
@@ -608,9 +613,18 @@ class Scorer:
     """How head states become logits: the frozen base projection (shared) or each head's own Linear."""
 
     heads: MedusaHeads
-    lm_head: torch.Tensor  # [V, C] frozen, in the compute dtype
+    lm_head: torch.Tensor  # [V, C] frozen, in the compute dtype ([N, C] rows of a draft vocabulary)
     softcap: float | None
     compute_dtype: torch.dtype
+    remap: torch.Tensor | None = None  # [V]: full id -> draft-vocabulary index, IGNORE outside it
+
+    def draft_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Targets as indices of the draft vocabulary (IGNORE where absent); unchanged without one."""
+        import torch
+
+        if self.remap is None:
+            return targets
+        return torch.where(targets != IGNORE, self.remap[targets.clamp(min=0)], IGNORE)
 
     def weight(self, k: int) -> torch.Tensor:
         if self.heads.shared_lm_head:
@@ -624,6 +638,7 @@ class Scorer:
         import torch
 
         states = self.heads.head_states(hidden)  # [K, B, T, C]
+        targets = self.draft_targets(targets)
         decay = [head_decay**k for k in range(self.heads.num_heads)]
         valid = targets != IGNORE  # [K, B, T]
         counts = valid.flatten(1).sum(-1).tolist()
@@ -653,13 +668,20 @@ class Scorer:
         return loss, sum(counts)
 
     def ranks(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        """Per head, the rank of the correct token at each target position."""
+        """Per head, the rank of the correct token at each target position (MAX_RANK: outside the draft
+        vocabulary, so never proposed)."""
+        import torch
+
         states = self.heads.head_states(hidden)
+        drafted = self.draft_targets(targets)
         out = []
         for i in range(self.heads.num_heads):
             valid = targets[i] != IGNORE
+            inside = drafted[i][valid] != IGNORE
             weight = self.weight(i).detach().to(self.compute_dtype)
-            out.append(target_ranks(states[i][valid], weight, targets[i][valid]))
+            ranks = torch.full((int(valid.sum()),), MAX_RANK, dtype=torch.long, device=states.device)
+            ranks[inside] = target_ranks(states[i][valid][inside], weight, drafted[i][valid][inside])
+            out.append(ranks)
         return out
 
 
@@ -885,6 +907,8 @@ def check_settings(settings: TrainSettings) -> None:
         raise MedusaError(f"--lr {settings.lr}: must be positive")
     if settings.data is not None and not settings.data.is_file():
         raise MedusaError(f"--data file not found: {settings.data}")
+    if settings.draft_vocab and not settings.shared_lm_head:
+        raise MedusaError("--draft-vocab trains through the shared lm_head: drop --no-shared-lm-head")
     if settings.dtype not in ("auto", "fp32", "fp16", "bf16"):
         raise MedusaError(f"unknown --dtype {settings.dtype!r}: use auto, fp32, fp16 or bf16")
 
@@ -893,7 +917,7 @@ def train(settings: TrainSettings) -> TrainResult:
     """Make or reuse the data, train (or resume), evaluate on the held-out split, write the heads."""
     import torch
 
-    from .draft_vocab import write_draft_vocab
+    from .draft_vocab import draft_ids, write_draft_vocab
     from .heads import save_heads
     from .models import explicit_model, load_base
 
@@ -915,14 +939,31 @@ def train(settings: TrainSettings) -> TrainResult:
     train_idx, eval_idx = split_groups(data.groups, settings.holdout, settings.seed)
     heads = init_heads(decoder, settings).to(device)
     lm_head = decoder.lm_head_weight().detach()
+    remap = None
+    if settings.draft_vocab:
+        ranked = json.loads((settings.out / "draft_vocab.json").read_text())["ids"]
+        ids = draft_ids(str(settings.out), min(settings.draft_vocab, len(ranked)), decoder.cfg.vocab_size)
+        if ids is not None:
+            ids = ids.to(device)
+            remap = torch.full((decoder.cfg.vocab_size,), IGNORE, dtype=torch.long, device=device)
+            remap[ids] = torch.arange(len(ids), device=device)
+            lm_head = lm_head[ids]
     scorer = Scorer(
-        heads, lm_head, decoder.cfg.final_logit_softcap if settings.shared_lm_head else None, lm_head.dtype
+        heads,
+        lm_head,
+        decoder.cfg.final_logit_softcap if settings.shared_lm_head else None,
+        lm_head.dtype,
+        remap,
     )
     pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
     step, losses, stats = run_training(decoder, scorer, data, train_idx, settings, device, pad)
     with stage(f"evaluating on {len(eval_idx)} held-out sequences", settings.quiet):
         accuracy = evaluate(decoder, scorer, data, eval_idx, settings, device, pad)
     save_heads(heads.cpu().float(), settings.out, settings.model)
+    if remap is not None:  # these heads rank only the draft vocabulary: export must restrict them to it
+        config = json.loads((settings.out / "config.json").read_text())
+        config["draft_vocab"] = len(lm_head)
+        (settings.out / "config.json").write_text(json.dumps(config, indent=2))
     accuracy["train"] = _metadata(
         settings, data, train_idx, eval_idx, step, losses, stats, device, dtype, time.perf_counter() - wall
     )
@@ -1033,6 +1074,9 @@ def train_command(
         int, _opt("--save-every", "checkpoint every N steps (0: only at the end)")
     ] = _D.save_every,
     seed: Annotated[int, _opt("--seed")] = _D.seed,
+    draft_vocab: Annotated[
+        int, _opt("--draft-vocab", "softmax over the N most frequent target tokens (fast on CPU; 0: all)")
+    ] = _D.draft_vocab,
     quiet: Annotated[bool, _opt("--quiet", "no progress output")] = False,
 ) -> None:
     """Train Medusa-1 heads on the frozen base model (self-distillation by default); write FasterDecoding
@@ -1058,6 +1102,7 @@ def train_command(
         seed=seed,
         head_decay=head_decay,
         save_every=save_every,
+        draft_vocab=draft_vocab,
         quiet=quiet,
     )
     result = train(settings)

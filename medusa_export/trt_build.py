@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from medusa_runtime.artifact import SIDECAR, Artifact
 from medusa_runtime.backends.trt import (
     COMMIT,
@@ -84,8 +85,10 @@ def build_engine(
         "flavor": flavor,
         "tensorrt_version": trt.__version__,
         "compute_capabilities": targets,
-        "artifact": {"path": str(artifact.folder.resolve()),
-                     "sha256": sha256_file(artifact.folder / SIDECAR)},
+        "artifact": {
+            "path": str(artifact.folder.resolve()),
+            "sha256": sha256_file(artifact.folder / SIDECAR),
+        },
         "max_seq": max_seq,
         "max_prompt": max_prompt,
         "tree_sizes": sizes,
@@ -118,8 +121,10 @@ def check_ranges(
         raise MedusaError(f"tree size {sizes[0]} is not a node count (at least 1: the root)")
     max_seq = artifact.max_seq if max_seq is None else max_seq
     if max_seq > artifact.max_seq:
-        raise MedusaError(f"--max-seq {max_seq} exceeds the artifact's max_seq {artifact.max_seq} "
-                          "(re-export with a larger --max-seq)")
+        raise MedusaError(
+            f"--max-seq {max_seq} exceeds the artifact's max_seq {artifact.max_seq} "
+            "(re-export with a larger --max-seq)"
+        )
     largest = sizes[-1]
     if largest >= max_seq:
         raise MedusaError(f"a tree of {largest} nodes leaves no room for a prompt in max_seq {max_seq}")
@@ -139,10 +144,20 @@ def profile_ranges(
     past_opt = (max_seq - tree) // 2
     one = (1, 1, 1)
     return {
-        PREFILL: {"batch": one, "tokens": (1, prompt_opt, max_prompt), "rows": one,
-                  "past": (0, 0, max_seq - max_prompt), "total": (1, prompt_opt, max_seq)},
-        VERIFY: {"batch": one, "tokens": (1, opt_tree, tree), "rows": (1, opt_tree, tree),
-                 "past": (0, past_opt, max_seq - tree), "total": (1, past_opt + opt_tree, max_seq)},
+        PREFILL: {
+            "batch": one,
+            "tokens": (1, prompt_opt, max_prompt),
+            "rows": one,
+            "past": (0, 0, max_seq - max_prompt),
+            "total": (1, prompt_opt, max_seq),
+        },
+        VERIFY: {
+            "batch": one,
+            "tokens": (1, opt_tree, tree),
+            "rows": (1, opt_tree, tree),
+            "past": (0, past_opt, max_seq - tree),
+            "total": (1, past_opt + opt_tree, max_seq),
+        },
     }
 
 
@@ -250,8 +265,10 @@ def _network_io(network, symbolic: dict[str, list]) -> list[dict]:
         shape = [s if d == -1 else d for d, s in zip(t.shape, onnx_shape, strict=False)]
         unnamed = [d for d, s in zip(t.shape, shape, strict=False) if d == -1 and not isinstance(s, str)]
         if len(onnx_shape) != len(t.shape) or unnamed:
-            raise MedusaError(f"{mode} {t.name}: TensorRT shape {tuple(t.shape)} does not match the ONNX "
-                              f"graph's {onnx_shape}")
+            raise MedusaError(
+                f"{mode} {t.name}: TensorRT shape {tuple(t.shape)} does not match the ONNX "
+                f"graph's {onnx_shape}"
+            )
         dtype = TRT_DTYPES.get(t.dtype.name, t.dtype.name)
         io.append({"name": t.name, "mode": mode, "dtype": dtype, "shape": shape})
     return io
@@ -299,8 +316,10 @@ def _load_timing_cache(config, flavor: str, path: Path | None, quiet: bool) -> b
         return False
     cache = config.create_timing_cache(Path(path).read_bytes() if Path(path).is_file() else b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
-        print(f"[medusa-export] timing cache {path} is from another device or version: starting afresh",
-              file=sys.stderr)
+        print(
+            f"[medusa-export] timing cache {path} is from another device or version: starting afresh",
+            file=sys.stderr,
+        )
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     return True
 
@@ -380,8 +399,10 @@ def _check_deserialized(path: Path, meta: dict, part: dict) -> bool:
     if actual != {t["name"]: t["dtype"] for t in part["io"]}:
         raise MedusaError(f"engine {path} I/O disagrees with its sidecar")
     if engine.num_optimization_profiles != len(part["profiles"]):
-        raise MedusaError(f"engine {path} has {engine.num_optimization_profiles} profiles, its sidecar "
-                          f"{len(part['profiles'])}")
+        raise MedusaError(
+            f"engine {path} has {engine.num_optimization_profiles} profiles, its sidecar "
+            f"{len(part['profiles'])}"
+        )
     return True
 
 
@@ -413,16 +434,24 @@ def parse_tree_sizes(text: str | None) -> list[int] | None:
 def trt_command(
     artifact: Annotated[Path, typer.Argument(help="artifact folder (from `medusa-export onnx`)")],
     flavor: Annotated[str, typer.Option("--flavor", help="auto | tensorrt | tensorrt-rtx")] = "auto",
-    tree_sizes: Annotated[str | None, typer.Option(
-        "--tree-sizes", help="tree node counts to serve, e.g. 4,8,16 (default: the artifact's)")] = None,
-    max_seq: Annotated[int | None, typer.Option(
-        "--max-seq", help="KV capacity (default: the artifact's)")] = None,
-    max_prompt: Annotated[int | None, typer.Option(
-        "--max-prompt", help="longest prompt (default: max-seq minus the largest tree)")] = None,
-    timing_cache: Annotated[Path | None, typer.Option(
-        "--timing-cache", help="timing cache FILE to reuse and update (TensorRT only)")] = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", help="engine FILE (default: <artifact>/model.<flavor>.engine)")] = None,
+    tree_sizes: Annotated[
+        str | None,
+        typer.Option("--tree-sizes", help="tree node counts to serve, e.g. 4,8,16 (default: the artifact's)"),
+    ] = None,
+    max_seq: Annotated[
+        int | None, typer.Option("--max-seq", help="KV capacity (default: the artifact's)")
+    ] = None,
+    max_prompt: Annotated[
+        int | None,
+        typer.Option("--max-prompt", help="longest prompt (default: max-seq minus the largest tree)"),
+    ] = None,
+    timing_cache: Annotated[
+        Path | None,
+        typer.Option("--timing-cache", help="timing cache FILE to reuse and update (TensorRT only)"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="engine FILE (default: <artifact>/model.<flavor>.engine)")
+    ] = None,
 ):
     """Build a TensorRT / TensorRT-RTX engine (+ KV-commit engine and JSON sidecar) from an artifact."""
     sizes = parse_tree_sizes(tree_sizes)

@@ -55,22 +55,41 @@ def compare(idx: int, got: list[int], ref, tokenizer, dtype: str, mean_accepted:
     want = ref.tokens
     same = sum(a == b for a, b in zip(got, want))
     if got == want:
-        return PromptReport(True, same, len(want), f"prompt {idx}: identical ({len(want)} tokens, "
-                            f"{mean_accepted:.2f} tokens/step)", True)
+        return PromptReport(
+            True,
+            same,
+            len(want),
+            f"prompt {idx}: identical ({len(want)} tokens, {mean_accepted:.2f} tokens/step)",
+            True,
+        )
     pos = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
     if pos >= min(len(got), len(want)):
-        return PromptReport(False, same, len(want), f"prompt {idx}: MISMATCH: runtime stopped after {len(got)} "
-                            f"tokens, reference after {len(want)}", False)
+        return PromptReport(
+            False,
+            same,
+            len(want),
+            f"prompt {idx}: MISMATCH: runtime stopped after {len(got)} tokens, reference after {len(want)}",
+            False,
+        )
     margin = ref.margins[pos]
     tie = margin <= NEAR_TIE[dtype] * max(1.0, abs(ref.tops[pos]))
     verdict = f"near-tie within {dtype} rounding" if tie else "NOT a near-tie"
-    line = (f"prompt {idx}: MISMATCH at position {pos}: runtime {got[pos]} {tokenizer.decode([got[pos]])!r} vs "
-            f"reference {want[pos]} {tokenizer.decode([want[pos]])!r}; reference top-2 margin {margin:.5f} ({verdict})")
+    line = (
+        f"prompt {idx}: MISMATCH at position {pos}: runtime {got[pos]} {tokenizer.decode([got[pos]])!r} vs "
+        f"reference {want[pos]} {tokenizer.decode([want[pos]])!r}; reference top-2 margin {margin:.5f} ({verdict})"
+    )
     return PromptReport(False, same, len(want), line, tie and dtype != "fp32")
 
 
-def validate(folder: Path, prompts: Path, backend: str = "ort-cpu", max_new_tokens: int = 64,
-             limit: int | None = None, tree: str | None = None, out=sys.stdout) -> bool:
+def validate(
+    folder: Path,
+    prompts: Path,
+    backend: str = "ort-cpu",
+    max_new_tokens: int = 64,
+    limit: int | None = None,
+    tree: str | None = None,
+    out=sys.stdout,
+) -> bool:
     """Prints one line per prompt and the summary; returns True when the result is acceptable."""
     from medusa_runtime.api import MedusaRuntime
 
@@ -87,8 +106,12 @@ def validate(folder: Path, prompts: Path, backend: str = "ort-cpu", max_new_toke
 
         if torch.cuda.is_available():
             base.hf.to("cuda")
-    print(f"validate: {folder} on {backend} ({dtype}, tree {runtime.tree_name}) vs transformers greedy (fp32), "
-          f"{len(rows)} prompts x {max_new_tokens} tokens", file=out, flush=True)
+    print(
+        f"validate: {folder} on {backend} ({dtype}, tree {runtime.tree_name}) vs transformers greedy (fp32), "
+        f"{len(rows)} prompts x {max_new_tokens} tokens",
+        file=out,
+        flush=True,
+    )
     reports = []
     for i, row in enumerate(rows, 1):
         ids = runtime.encode(row["prompt"])
@@ -99,6 +122,9 @@ def validate(folder: Path, prompts: Path, backend: str = "ort-cpu", max_new_toke
         reports.append(rep)
     n_same = sum(r.identical for r in reports)
     tok_same, tok_all = sum(r.same_tokens for r in reports), sum(r.total_tokens for r in reports)
-    print(f"validate: {n_same}/{len(reports)} prompts identical, {tok_same}/{tok_all} tokens identical",
-          file=out, flush=True)
+    print(
+        f"validate: {n_same}/{len(reports)} prompts identical, {tok_same}/{tok_all} tokens identical",
+        file=out,
+        flush=True,
+    )
     return all(r.acceptable for r in reports)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ROOT
 
 CLI = [sys.executable, "-m", "medusa_export.cli"]
@@ -31,13 +32,19 @@ def test_help_is_instant_and_imports_no_torch():
     code = "import sys; import medusa_export.cli as c; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
     proc = cli("--help")
-    assert proc.returncode == 0 and all(c in proc.stdout for c in ("onnx", "trt", "generate", "validate", "tree", "train", "bench"))
+    assert proc.returncode == 0 and all(
+        c in proc.stdout for c in ("onnx", "trt", "generate", "validate", "tree", "train", "bench")
+    )
 
 
 def test_tree_json_canonical():
     doc = json.loads(cli("tree", "mc_sim_7b_63", "--json").stdout)
     assert (doc["num_nodes"], doc["depth"], doc["num_leaves"]) == (64, 4, 42)
-    assert len(doc["attention_mask"]) == 64 and len(doc["position_ids"]) == 64 and len(doc["retrieve_indices"]) == 42
+    assert (
+        len(doc["attention_mask"]) == 64
+        and len(doc["position_ids"]) == 64
+        and len(doc["retrieve_indices"]) == 42
+    )
 
 
 def test_tree_bad_inputs(tmp_path):
@@ -48,8 +55,20 @@ def test_tree_bad_inputs(tmp_path):
 
 
 def test_generate_torch_backend_streams_and_reports():
-    proc = cli("generate", "tiny-gemma3", "--backend", "torch", "--heads", "random:4", "--tree", "tree8",
-               "--prompt", "Hello there", "--max-new-tokens", "12")
+    proc = cli(
+        "generate",
+        "tiny-gemma3",
+        "--backend",
+        "torch",
+        "--heads",
+        "random:4",
+        "--tree",
+        "tree8",
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "12",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "tokens/s" in proc.stderr and "mean accepted" in proc.stderr
 
@@ -59,7 +78,9 @@ def test_generate_and_validate_on_artifact(tiny_artifact, tmp_path):
     proc = cli("generate", folder, "--prompt", "Hello there", "--max-new-tokens", "12", "--tree", "tree16")
     assert proc.returncode == 0, proc.stderr
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["one two three four", "abc abc abc abc"]))
+    prompts.write_text(
+        "\n".join(json.dumps({"prompt": p}) for p in ["one two three four", "abc abc abc abc"])
+    )
     proc = cli("validate", folder, "--prompts", prompts, "--max-new-tokens", "16")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "validate: 2/2 prompts identical, 32/32 tokens identical"
@@ -90,7 +111,9 @@ def test_bad_artifacts_and_requests(broken, tmp_path):
     (disagree / "artifact.json").write_text(json.dumps(meta))
     assert_one_line_error(cli("generate", disagree, "--prompt", "x"), "disagree")
 
-    assert_one_line_error(cli("generate", tmp_path / "nowhere", "--prompt", "x"), "not a medusa-export artifact")
+    assert_one_line_error(
+        cli("generate", tmp_path / "nowhere", "--prompt", "x"), "not a medusa-export artifact"
+    )
 
     ok = broken("ok")  # max_seq 256, byte tokens
     assert_one_line_error(cli("generate", ok, "--prompt", "y" * 300), "longer than max_seq")
@@ -104,5 +127,7 @@ def test_export_refuses_bad_input_and_leaves_nothing(tmp_path):
     out = tmp_path / "art"
     assert_one_line_error(cli("onnx", "no-such-model", "--heads", "random:2", "--out", out), "unknown model")
     assert_one_line_error(cli("onnx", "tiny-llama", "--heads", "random:x", "--out", out), "random:K")
-    assert_one_line_error(cli("onnx", "tiny-llama", "--heads", "random:2", "--out", out, "--dtype", "int3"), "dtype")
+    assert_one_line_error(
+        cli("onnx", "tiny-llama", "--heads", "random:2", "--out", out, "--dtype", "int3"), "dtype"
+    )
     assert not out.exists() and not list(tmp_path.glob(".art*"))

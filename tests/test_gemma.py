@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import oracle_check
 
+from conftest import oracle_check
 from medusa_export.heads import random_heads
 from medusa_export.reference import torch_runtime
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from medusa_runtime.errors import MedusaError
 from safetensors.torch import load_file, save_file
 
 from medusa_export import heads as heads_module
@@ -21,6 +20,7 @@ from medusa_export.heads import (
     resolve_heads,
     save_heads,
 )
+from medusa_runtime.errors import MedusaError
 
 H, V, K, L = 16, 40, 3, 2
 

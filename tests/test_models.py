@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
-from medusa_runtime.masks import causal, step_masks
-from medusa_runtime.tree import build_tree
 
+from conftest import TINY
 from medusa_export.models import explicit_model
 from medusa_export.models.common import empty_past
+from medusa_runtime.masks import causal, step_masks
+from medusa_runtime.tree import build_tree
 
 
 def run(model, ids, positions, visible, past, past_len):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import PROMPTS, TINY, oracle_check
 
+from conftest import PROMPTS, TINY, oracle_check
 from medusa_export.heads import random_heads
 from medusa_export.reference import hf_greedy, torch_runtime
 
@@ -41,5 +41,7 @@ def test_typical_acceptance_runs_and_is_seeded(tiny_base):
     base = tiny_base("tiny-llama")
     c = base.config
     heads = random_heads(4, c.hidden_size, c.vocab_size)
-    outs = [torch_runtime(base, heads, "tree8", acceptance=Typical()).generate(PROMPTS[0], 30) for _ in range(2)]
+    outs = [
+        torch_runtime(base, heads, "tree8", acceptance=Typical()).generate(PROMPTS[0], 30) for _ in range(2)
+    ]
     assert outs[0].token_ids == outs[1].token_ids and len(outs[0].token_ids) == 30

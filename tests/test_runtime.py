@@ -10,22 +10,26 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import PROMPTS, ROOT, TINY, oracle_check
-from medusa_runtime.api import MedusaRuntime
-from medusa_runtime.masks import causal, step_masks
-from medusa_runtime.tree import build_tree
 
+from conftest import PROMPTS, ROOT, TINY, oracle_check
 from medusa_export.graph import MedusaGraph
 from medusa_export.heads import resolve_heads
 from medusa_export.models import explicit_model
 from medusa_export.reference import hf_greedy
+from medusa_runtime.api import MedusaRuntime
+from medusa_runtime.masks import causal, step_masks
+from medusa_runtime.tree import build_tree
 
 
 def feeds(art_meta, ids, positions, visible, past, past_len, rows):
     window = art_meta["model"]["sliding_window"]
     full, sliding = step_masks(past_len, np.asarray(positions), visible, window)
-    f = {"input_ids": np.array([ids]), "position_ids": np.array([positions]), "attention_mask": full,
-         "output_rows": np.asarray(rows)}
+    f = {
+        "input_ids": np.array([ids]),
+        "position_ids": np.array([positions]),
+        "attention_mask": full,
+        "output_rows": np.asarray(rows),
+    }
     if window is not None:
         f["sliding_attention_mask"] = sliding
     for i, (k, v) in enumerate(past):
@@ -46,11 +50,22 @@ def test_onnx_matches_pytorch_at_unseen_shapes(tiny_base, tiny_artifact, name):
     out_names = [o.name for o in sess.get_outputs()]
     cfg = decoder.cfg
     rng = np.random.default_rng(1)
-    past = [(np.zeros((1, 0, cfg.num_kv_heads, cfg.head_dim), np.float32),) * 2 for _ in range(cfg.num_layers)]
+    past = [
+        (np.zeros((1, 0, cfg.num_kv_heads, cfg.head_dim), np.float32),) * 2 for _ in range(cfg.num_layers)
+    ]
     plen = 0
-    for t, visible in [(1, causal(1)), (11, causal(11)), (1, np.ones((1, 1))), (6, build_tree([[0], [1], [0, 0], [0, 1], [1, 0]]).attention_mask)]:
+    for t, visible in [
+        (1, causal(1)),
+        (11, causal(11)),
+        (1, np.ones((1, 1))),
+        (6, build_tree([[0], [1], [0, 0], [0, 1], [1, 0]]).attention_mask),
+    ]:
         ids = rng.integers(3, 250, size=t).tolist()
-        positions = (plen + (visible.sum(1) - 1)).tolist() if t > 1 and not np.array_equal(visible, causal(t)) else list(range(plen, plen + t))
+        positions = (
+            (plen + (visible.sum(1) - 1)).tolist()
+            if t > 1 and not np.array_equal(visible, causal(t))
+            else list(range(plen, plen + t))
+        )
         rows = list(range(t))
         f = feeds(meta, ids, positions, visible, past, plen, rows)
         got = dict(zip(out_names, sess.run(None, f)))
@@ -58,12 +73,19 @@ def test_onnx_matches_pytorch_at_unseen_shapes(tiny_base, tiny_artifact, name):
             want = graph(*[torch.from_numpy(np.ascontiguousarray(f[i.name])) for i in sess.get_inputs()])
         want = dict(zip(out_names, [w.numpy() for w in want]))
         for key in ("logits", "medusa_logits") + tuple(n for n in out_names if n.startswith("present")):
-            np.testing.assert_allclose(got[key], want[key], atol=2e-4, rtol=1e-3, err_msg=f"{key} T={t} P={plen}")
+            np.testing.assert_allclose(
+                got[key], want[key], atol=2e-4, rtol=1e-3, err_msg=f"{key} T={t} P={plen}"
+            )
         np.testing.assert_array_equal(got["next_tokens"], want["next_tokens"])
         np.testing.assert_array_equal(got["medusa_topk"][..., 0], want["medusa_topk"][..., 0])
         if np.array_equal(visible, causal(t)) or t == 1:  # keep prompt/decode rows; the tree is the last case
-            past = [(np.concatenate((k, got[f"present_key.{i}"]), 1), np.concatenate((v, got[f"present_value.{i}"]), 1))
-                    for i, (k, v) in enumerate(past)]
+            past = [
+                (
+                    np.concatenate((k, got[f"present_key.{i}"]), 1),
+                    np.concatenate((v, got[f"present_value.{i}"]), 1),
+                )
+                for i, (k, v) in enumerate(past)
+            ]
             plen += t
 
 
@@ -146,7 +168,9 @@ def test_draft_vocabulary_heads_keep_outputs_exact(tiny_base, tmp_path):
     c = base.config
     save_heads(random_heads(3, c.hidden_size, c.vocab_size, seed=5), tmp_path / "heads", "tiny-qwen2")
     write_draft_vocab(tmp_path / "heads", [base.tokenizer.encode(p).ids for p in PROMPTS])
-    folder = export_onnx("tiny-qwen2", str(tmp_path / "heads"), tmp_path / "art", max_seq=256, draft_vocab=24, quiet=True)
+    folder = export_onnx(
+        "tiny-qwen2", str(tmp_path / "heads"), tmp_path / "art", max_seq=256, draft_vocab=24, quiet=True
+    )
     draft = set(json.loads((tmp_path / "heads" / "draft_vocab.json").read_text())["ids"][:24])
     rt = MedusaRuntime.open(folder, tree="tree8")
     for prompt in PROMPTS:

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import typer
-from conftest import SPECBENCH
-from medusa_runtime.errors import MedusaError
-from medusa_runtime.tree import load_rank_accuracy, tree_from_accuracy
 from typer.testing import CliRunner
 
+from conftest import SPECBENCH
 from medusa_export import train as tr
 from medusa_export.heads import load_heads
 from medusa_export.models import explicit_model
+from medusa_runtime.errors import MedusaError
+from medusa_runtime.tree import load_rank_accuracy, tree_from_accuracy
 
 PERIOD = "abcdefg"  # distinct byte tokens: the token k+2 ahead differs from the one k+1 ahead
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from medusa_runtime.errors import MedusaError
 from medusa_runtime.tree import (
     TreeError,

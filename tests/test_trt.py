@@ -13,14 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import PROMPTS, ROOT, oracle_check
-from medusa_runtime import contract
-from medusa_runtime.artifact import Artifact
-from medusa_runtime.backends import open_backend
-from medusa_runtime.backends.trt import PREFILL, VERIFY, TrtPlan, check_engine, load_engine_sidecar
-from medusa_runtime.errors import MedusaError
-from medusa_runtime.tree import build_tree
 
+from conftest import PROMPTS, ROOT, oracle_check
 from medusa_export.trt_build import (
     RTX_DEFAULT_CCS,
     build_engine,
@@ -30,6 +24,12 @@ from medusa_export.trt_build import (
     inspect_engine,
     trt_command,
 )
+from medusa_runtime import contract
+from medusa_runtime.artifact import Artifact
+from medusa_runtime.backends import open_backend
+from medusa_runtime.backends.trt import PREFILL, VERIFY, TrtPlan, check_engine, load_engine_sidecar
+from medusa_runtime.errors import MedusaError
+from medusa_runtime.tree import build_tree
 
 trt = pytest.importorskip("tensorrt_rtx", reason="needs tensorrt-rtx (pip install .[rtx])")
 
@@ -408,8 +408,12 @@ def ort_tensorrt(folder: Path, meta: dict):
             pass
 
     runtime = SimpleNamespace(deserialize_cuda_engine=Engine)
-    return SimpleNamespace(__name__="ort_tensorrt", __version__=meta["tensorrt_version"], ILogger=ILogger,
-                           Runtime=lambda logger: runtime)
+    return SimpleNamespace(
+        __name__="ort_tensorrt",
+        __version__=meta["tensorrt_version"],
+        ILogger=ILogger,
+        Runtime=lambda logger: runtime,
+    )
 
 
 def test_trt_backend_over_ort_and_host_memory(roomy_engine, tiny_base, monkeypatch):

@@ -51,7 +51,9 @@ class Gemma3(ExplicitDecoder):
         self.scaling = c.query_pre_attn_scalar**-0.5
         self.embed_scale = math.sqrt(c.hidden_size)
         rot = hf.model.rotary_emb
-        self.register_buffer("inv_freq_full", _inv_freq(rot, c, "full_attention", c.head_dim), persistent=False)
+        self.register_buffer(
+            "inv_freq_full", _inv_freq(rot, c, "full_attention", c.head_dim), persistent=False
+        )
         self.register_buffer(
             "inv_freq_sliding", _inv_freq(rot, c, "sliding_attention", c.head_dim), persistent=False
         )

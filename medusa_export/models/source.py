@@ -43,7 +43,6 @@ def cache_dir() -> Path:
 
 def load_base(spec: str, dtype: str = "fp32") -> BaseModel:
     """Load MODEL (see module docstring) in the given dtype (fp32, fp16, bf16), eval mode, eager attention."""
-    import torch
 
     torch_dtype = torch_dtype_of(dtype)
     if spec in TINY_CONFIGS:
@@ -52,6 +51,7 @@ def load_base(spec: str, dtype: str = "fp32") -> BaseModel:
     elif spec == GEMMA_BUILTIN:
         folder = _gemma_cache()
         hf, tok = _load_hf_folder(folder, torch_dtype)
+        _check_gemma_tokenizer(tok, folder)
     else:
         path = Path(spec)
         if path.suffix == ".gguf" and path.is_file():
@@ -88,6 +88,24 @@ def _load_hf_folder(folder: Path, torch_dtype):
         raise MedusaError(f"model folder {folder} has no tokenizer.json (a fast tokenizer is required)")
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="eager")
     return hf, Tokenizer.from_file(str(tok_file))
+
+
+# Known answer of the real Gemma 3 tokenizer: BOS, then whole-word pieces. transformers 5.17 converts the
+# GGUF's tokenizer without merges and without BOS (seen on the GPU host); 5.24 converts it correctly.
+GEMMA_KNOWN_ANSWER = ("Hello world", [2, 9259, 1902])
+
+
+def _check_gemma_tokenizer(tok, folder: Path) -> None:
+    text, ids = GEMMA_KNOWN_ANSWER
+    got = tok.encode(text).ids
+    if got != ids:
+        import transformers
+
+        raise MedusaError(
+            f"the cached gemma3-270m tokenizer encodes {text!r} as {got}, not {ids}: transformers "
+            f"{transformers.__version__} converted the GGUF tokenizer wrongly; delete {folder} and "
+            "dequantize again with transformers>=5.24 (or copy a good tokenizer.json there)"
+        )
 
 
 def _gemma_cache() -> Path:

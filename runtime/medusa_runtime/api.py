@@ -45,16 +45,32 @@ class Result:
 class MedusaRuntime:
     """A backend + tokenizer + tree: text in, text out. `MedusaRuntime.open(folder)` for an artifact."""
 
-    def __init__(self, backend, tokenizer, tree: TreeBuffers, eos_ids, window: int | None,
-                 acceptance: Greedy | Typical = Greedy(), tree_name: str = "", artifact: Artifact | None = None):
+    def __init__(
+        self,
+        backend,
+        tokenizer,
+        tree: TreeBuffers,
+        eos_ids,
+        window: int | None,
+        acceptance: Greedy | Typical = Greedy(),
+        tree_name: str = "",
+        artifact: Artifact | None = None,
+    ):
         self.backend, self.tokenizer, self.tree, self.window = backend, tokenizer, tree, window
         self.artifact = artifact
         self.eos = set(eos_ids)
         self.acceptance, self.tree_name = acceptance, tree_name
 
     @classmethod
-    def open(cls, folder: str | Path, backend: str = "ort-cpu", tree: str | None = None, medusa: bool = True,
-             acceptance: Greedy | Typical = Greedy(), **backend_options) -> MedusaRuntime:
+    def open(
+        cls,
+        folder: str | Path,
+        backend: str = "ort-cpu",
+        tree: str | None = None,
+        medusa: bool = True,
+        acceptance: Greedy | Typical = Greedy(),
+        **backend_options,
+    ) -> MedusaRuntime:
         """Load an artifact folder (exported by `medusa-export onnx`) on one of the runtime backends."""
         from tokenizers import Tokenizer
 
@@ -62,13 +78,23 @@ class MedusaRuntime:
         tree_name, buffers = artifact.tree(tree) if medusa else ("plain", build_tree([]))
         impl = open_backend(backend, artifact, max_nodes=buffers.num_nodes, **backend_options)
         tokenizer = Tokenizer.from_file(str(artifact.path("tokenizer")))
-        return cls(impl, tokenizer, buffers, artifact.eos_token_ids, artifact.model["sliding_window"],
-                   acceptance, tree_name, artifact)
+        return cls(
+            impl,
+            tokenizer,
+            buffers,
+            artifact.eos_token_ids,
+            artifact.model["sliding_window"],
+            acceptance,
+            tree_name,
+            artifact,
+        )
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt).ids
 
-    def steps(self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None) -> Iterator[Step]:
+    def steps(
+        self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None
+    ) -> Iterator[Step]:
         """Decoding steps, cut at EOS (kept) and at max_new_tokens."""
         self._check_capacity(len(prompt_ids), max_new_tokens)
         left = max_new_tokens
@@ -95,17 +121,19 @@ class MedusaRuntime:
             cut = min((text.find(s) for s in stop if s and s in text), default=-1)
             if cut >= 0:
                 if cut > len(sent):
-                    yield text[len(sent):cut]
+                    yield text[len(sent) : cut]
                 return
             safe = len(text) - _pending(text, stop)  # hold back a partial UTF-8 sequence or stop string
             if safe > len(sent):
-                yield text[len(sent):safe]
+                yield text[len(sent) : safe]
                 sent = text[:safe]
         text = self.tokenizer.decode(ids)
         if len(text) > len(sent):
-            yield text[len(sent):]
+            yield text[len(sent) :]
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 128, drafter: Drafter | None = None) -> Result:
+    def generate(
+        self, prompt: str | list[int], max_new_tokens: int = 128, drafter: Drafter | None = None
+    ) -> Result:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         start = time.perf_counter()
         steps = list(self.steps(ids, max_new_tokens, drafter))

@@ -10,7 +10,18 @@ from .errors import MedusaError
 from .tree import TreeBuffers, build_tree, load_choices
 
 SIDECAR = "artifact.json"
-_REQUIRED = ("format", "model", "medusa", "dtype", "max_seq", "io", "files", "tokenizer", "trees", "default_tree")
+_REQUIRED = (
+    "format",
+    "model",
+    "medusa",
+    "dtype",
+    "max_seq",
+    "io",
+    "files",
+    "tokenizer",
+    "trees",
+    "default_tree",
+)
 
 
 @dataclass
@@ -26,15 +37,10 @@ class Artifact:
         side = folder / SIDECAR
         if not side.is_file():
             raise MedusaError(f"{folder} is not a medusa-export artifact: {SIDECAR} is missing")
-        try:
-            meta = json.loads(side.read_text())
-        except json.JSONDecodeError as exc:
-            raise MedusaError(f"{side} is not valid JSON: {exc}") from None
+        meta = read_sidecar(side, cls.FORMAT)
         missing = [k for k in _REQUIRED if k not in meta]
         if missing:
             raise MedusaError(f"{side} lacks {', '.join(missing)}")
-        if meta["format"] != cls.FORMAT:
-            raise MedusaError(f"{side} has format {meta['format']!r}, this runtime reads {cls.FORMAT!r}")
         for role, name in meta["files"].items():
             if not (folder / name).is_file():
                 raise MedusaError(f"artifact {folder} is incomplete: {role} file {name} is missing")
@@ -77,12 +83,18 @@ class Artifact:
         elif Path(spec).is_file():
             name, choices = load_choices(spec)
         else:
-            raise MedusaError(f"unknown tree {spec!r}: this artifact serves {', '.join(self.meta['trees'])}, or give a JSON file")
+            raise MedusaError(
+                f"unknown tree {spec!r}: this artifact serves {', '.join(self.meta['trees'])}, or give a JSON file"
+            )
         tree = build_tree(choices)
         if tree.depth > self.num_heads:
-            raise MedusaError(f"tree {name!r} needs {tree.depth} Medusa heads, the artifact has {self.num_heads}")
+            raise MedusaError(
+                f"tree {name!r} needs {tree.depth} Medusa heads, the artifact has {self.num_heads}"
+            )
         if tree.topk > self.topk:
-            raise MedusaError(f"tree {name!r} needs top-{tree.topk} per head, the artifact exports top-{self.topk}")
+            raise MedusaError(
+                f"tree {name!r} needs top-{tree.topk} per head, the artifact exports top-{self.topk}"
+            )
         return name, tree
 
     def check_io(self, kind: str, actual: list[tuple[str, str]]) -> None:
@@ -95,7 +107,21 @@ class Artifact:
             )
         for (name, got), (_, expect) in zip(actual, want):
             if got != expect:
-                raise MedusaError(f"{self.path('model').name} {kind[:-1]} {name} is {got}, {SIDECAR} says {expect}")
+                raise MedusaError(
+                    f"{self.path('model').name} {kind[:-1]} {name} is {got}, {SIDECAR} says {expect}"
+                )
+
+
+def read_sidecar(path: Path, expected_format: str) -> dict:
+    """A JSON sidecar of the given format, or a one-line MedusaError."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise MedusaError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != expected_format:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise MedusaError(f"{path} has format {found!r}, this runtime reads {expected_format!r}")
+    return meta
 
 
 def _external_data(meta: dict) -> list[str]:

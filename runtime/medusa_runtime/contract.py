@@ -31,7 +31,9 @@ def past_names(num_layers: int, prefix: str = "past") -> list[str]:
     return [f"{prefix}_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
-def graph_inputs(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, sliding: bool) -> list[TensorSpec]:
+def graph_inputs(
+    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, sliding: bool
+) -> list[TensorSpec]:
     specs = [
         TensorSpec("input_ids", INT64, ("batch", "tokens")),
         TensorSpec("position_ids", INT64, ("batch", "tokens")),
@@ -46,7 +48,13 @@ def graph_inputs(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, s
 
 
 def graph_outputs(
-    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, num_heads: int, vocab: int, topk: int,
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    kv_dtype: str,
+    num_heads: int,
+    vocab: int,
+    topk: int,
     head_vocab: int | None = None,
 ) -> list[TensorSpec]:
     """head_vocab: the heads' draft vocabulary size when smaller than the model's (top-k ids are full-vocab ids)."""

@@ -32,12 +32,18 @@ def prefill(backend: Backend, prompt: list[int], window: int | None) -> StepOutp
     t = len(prompt)
     positions = np.arange(t, dtype=np.int64)
     masks = step_masks(0, positions, causal(t), window)
-    return backend.forward(np.asarray(prompt, dtype=np.int64), positions, masks, np.array([t - 1]), keep_all=True)
+    return backend.forward(
+        np.asarray(prompt, dtype=np.int64), positions, masks, np.array([t - 1]), keep_all=True
+    )
 
 
 def candidates(tree: TreeBuffers, root_token: int, draft: np.ndarray) -> np.ndarray:
     """Token of every tree node [N]: the root, then each node's rank in its head's top-k."""
-    flat = np.concatenate(([root_token], draft[:, : tree.topk].reshape(-1))) if tree.topk else np.array([root_token])
+    flat = (
+        np.concatenate(([root_token], draft[:, : tree.topk].reshape(-1)))
+        if tree.topk
+        else np.array([root_token])
+    )
     return flat[tree.tree_indices].astype(np.int64)
 
 

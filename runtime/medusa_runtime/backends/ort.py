@@ -16,8 +16,12 @@ from ..errors import MedusaError
 from .base import Backend, StepOutput
 
 _ONNX_ELEM = {"float32": 1, "float16": 10, "bfloat16": 16, "int64": 7}
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-              "tensor(int64)": "int64"}
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64",
+}
 LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -40,23 +44,35 @@ class OrtBackend(Backend):
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise MedusaError("backend ort-cuda needs onnxruntime-gpu with a CUDA device (pip install .[gpu])")
+                raise MedusaError(
+                    "backend ort-cuda needs onnxruntime-gpu with a CUDA device (pip install .[gpu])"
+                )
             providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         elif device != "cpu":
             raise MedusaError(f"unknown ONNX Runtime device {device!r}")
         elif self.kv_dtype == "bfloat16":
-            raise MedusaError("ONNX Runtime's CPU EP has no bf16 kernels: run a bf16 artifact on ort-cuda or trt")
+            raise MedusaError(
+                "ONNX Runtime's CPU EP has no bf16 kernels: run a bf16 artifact on ort-cuda or trt"
+            )
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(artifact.path("model")), opts, providers=providers)
-            self.commit_session = ort.InferenceSession(str(artifact.path("commit")), opts, providers=providers)
+            self.commit_session = ort.InferenceSession(
+                str(artifact.path("commit")), opts, providers=providers
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise MedusaError(f"ONNX Runtime could not load {artifact.folder}: {str(exc).splitlines()[0]}") from None
-        artifact.check_io("inputs", [(i.name, _ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()])
-        artifact.check_io("outputs", [(o.name, _ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()])
+            raise MedusaError(
+                f"ONNX Runtime could not load {artifact.folder}: {str(exc).splitlines()[0]}"
+            ) from None
+        artifact.check_io(
+            "inputs", [(i.name, _ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
+        )
+        artifact.check_io(
+            "outputs", [(o.name, _ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()]
+        )
 
         def alloc(rows):
             shape = [1, rows, kv_heads, head_dim]
@@ -73,15 +89,23 @@ class OrtBackend(Backend):
         self.last_tokens = 0
 
     def _bind_kv(self, bind, name: str, value, row: int, rows: int) -> None:
-        bind(name, self.device, 0, _ONNX_ELEM[self.kv_dtype], [1, rows, *self.kv_tail],
-             value.data_ptr() + row * self.row_bytes)
+        bind(
+            name,
+            self.device,
+            0,
+            _ONNX_ELEM[self.kv_dtype],
+            [1, rows, *self.kv_tail],
+            value.data_ptr() + row * self.row_bytes,
+        )
 
     def forward(self, input_ids, positions, masks, rows, keep_all):
         t = len(input_ids)
         if self.length + t > self.capacity:
             raise MedusaError(f"KV cache full: {self.length} + {t} tokens exceed max_seq {self.capacity}")
         if not keep_all and t > self.max_nodes:
-            raise MedusaError(f"a tree of {t} nodes exceeds this backend's {self.max_nodes}-node scratch area")
+            raise MedusaError(
+                f"a tree of {t} nodes exceeds this backend's {self.max_nodes}-node scratch area"
+            )
         io = self.io
         io.clear_binding_inputs()
         io.clear_binding_outputs()

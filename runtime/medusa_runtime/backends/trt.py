@@ -18,24 +18,39 @@ ctypes); tensorrt / tensorrt_rtx are imported inside the functions that need the
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import contract
-from ..artifact import SIDECAR
+from ..artifact import SIDECAR, read_sidecar
 from ..errors import MedusaError
 from .base import Backend, StepOutput
 
 ENGINE_FORMAT = "medusa-export-engine/1"
 FLAVORS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # flavor -> module, preferred first
 PREFILL, VERIFY, COMMIT = "prefill", "verify", "commit"
-TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-              "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1,
-            "bool": 1}
+TRT_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT64": "int64",
+    "INT32": "int32",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "BOOL": "bool",
+}
+ITEMSIZE = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 KV_PREFIXES = ("past_", "present_", "kept_")
 _NOISE = ("has Int64 binding", "Thread context has not been set")
 
@@ -56,8 +71,10 @@ def import_tensorrt(flavor: str = "auto"):
         except ImportError:
             continue
     extra = {"auto": "[rtx] or [trt]", "tensorrt": "[trt]", "tensorrt-rtx": "[rtx]"}[flavor]
-    raise MedusaError(f"{'tensorrt or tensorrt-rtx' if flavor == 'auto' else flavor} is not installed "
-                      f"(pip install medusa-export{extra})")
+    raise MedusaError(
+        f"{'tensorrt or tensorrt-rtx' if flavor == 'auto' else flavor} is not installed "
+        f"(pip install medusa-export{extra})"
+    )
 
 
 def default_engine_path(folder: Path, flavor: str) -> Path:
@@ -70,8 +87,10 @@ def find_engine(folder: Path, flavor: str = "auto") -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise MedusaError(f"no TensorRT engine in {folder} ({', '.join(p.name for p in candidates)}): "
-                      f"build one with `medusa-export trt {folder}`, or pass engine=PATH")
+    raise MedusaError(
+        f"no TensorRT engine in {folder} ({', '.join(p.name for p in candidates)}): "
+        f"build one with `medusa-export trt {folder}`, or pass engine=PATH"
+    )
 
 
 def sidecar_path(engine: Path) -> Path:
@@ -94,19 +113,16 @@ def load_engine_sidecar(engine: Path) -> dict:
         raise MedusaError(f"engine {engine} does not exist")
     if not side.is_file():
         raise MedusaError(f"engine {engine} has no sidecar {side.name}: rebuild it with `medusa-export trt`")
-    try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise MedusaError(f"{side} is not valid JSON: {exc}") from None
-    if meta.get("format") != ENGINE_FORMAT:
-        raise MedusaError(f"{side} has format {meta.get('format')!r}, this runtime reads {ENGINE_FORMAT!r}")
+    meta = read_sidecar(side, ENGINE_FORMAT)
     for role, part in meta["engines"].items():
         path = engine.parent / part["file"]
         if not path.is_file():
             raise MedusaError(f"engine {engine} is incomplete: its {role} engine {part['file']} is missing")
         if path.stat().st_size != part["bytes"]:
-            raise MedusaError(f"engine file {path} has {path.stat().st_size} bytes, its sidecar says "
-                              f"{part['bytes']}: truncated or replaced; rebuild it")
+            raise MedusaError(
+                f"engine file {path} has {path.stat().st_size} bytes, its sidecar says "
+                f"{part['bytes']}: truncated or replaced; rebuild it"
+            )
     return meta
 
 
@@ -116,8 +132,10 @@ def check_engine(engine: Path, artifact) -> dict:
     names = [s["name"] for kind in ("inputs", "outputs") for s in artifact.io(kind)]
     same_io = [t["name"] for t in meta["engines"]["model"]["io"]] == names
     if meta["artifact"]["sha256"] != sha256_file(artifact.folder / SIDECAR) or not same_io:
-        raise MedusaError(f"engine {engine} was built from a different artifact ({meta['artifact']['path']})"
-                          f", not {artifact.folder}: rebuild it with `medusa-export trt {artifact.folder}`")
+        raise MedusaError(
+            f"engine {engine} was built from a different artifact ({meta['artifact']['path']})"
+            f", not {artifact.folder}: rebuild it with `medusa-export trt {artifact.folder}`"
+        )
     return meta
 
 
@@ -173,7 +191,7 @@ def kv_buffer(name: str) -> str | None:
     """past_key.3 / present_key.3 / kept_key.3 -> "key.3" (the cache slot they address); None otherwise."""
     for prefix in KV_PREFIXES:
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return None
 
 
@@ -197,8 +215,10 @@ class TrtPlan:
         self.max_seq, self.max_prompt = meta["max_seq"], meta["max_prompt"]
         self.max_tree = self.profiles["model"][VERIFY][1]["tokens"][2]
         if not 1 <= max_nodes <= self.max_tree:
-            raise MedusaError(f"a tree of {max_nodes} nodes is outside the engine's verify profile "
-                              f"(1..{self.max_tree} tokens): rebuild with --tree-sizes including {max_nodes}")
+            raise MedusaError(
+                f"a tree of {max_nodes} nodes is outside the engine's verify profile "
+                f"(1..{self.max_tree} tokens): rebuild with --tree-sizes including {max_nodes}"
+            )
         self.max_nodes = max_nodes
         self.capacity = self.max_seq - self.max_tree + max_nodes
         past = next(t for t in self.io.values() if t["name"].startswith("past_"))
@@ -208,8 +228,14 @@ class TrtPlan:
         for t in [*self.io.values(), *self.commit_io.values()]:
             if kv_buffer(t["name"]) and (t["dtype"], t["shape"][2:]) != (self.kv_dtype, past["shape"][2:]):
                 raise MedusaError(f"engine KV tensor {t['name']} disagrees with {past['name']}: rebuild it")
-        largest = {"batch": 1, "tokens": max(self.max_prompt, max_nodes), "rows": max_nodes,
-                   "past": self.max_seq, "total": self.max_seq, "kept": max_nodes}
+        largest = {
+            "batch": 1,
+            "tokens": max(self.max_prompt, max_nodes),
+            "rows": max_nodes,
+            "past": self.max_seq,
+            "total": self.max_seq,
+            "kept": max_nodes,
+        }
         self.buffer_bytes = {f"cache/{k}": self.max_seq * self.row_bytes for k in self.kv_names}
         self.buffer_bytes |= {f"scratch/{k}": max_nodes * self.row_bytes for k in self.kv_names}
         for t in [*self.io.values(), *self.commit_io.values()]:
@@ -227,8 +253,9 @@ class TrtPlan:
         for sym, (lo, _, hi) in ranges.items():
             if not lo <= sizes[sym] <= hi:
                 hint = " (rebuild with a larger --max-prompt)" if name == PREFILL and sym == "tokens" else ""
-                raise MedusaError(f"{sym} = {sizes[sym]} is outside the engine's {name} profile "
-                                  f"[{lo}, {hi}]{hint}")
+                raise MedusaError(
+                    f"{sym} = {sizes[sym]} is outside the engine's {name} profile [{lo}, {hi}]{hint}"
+                )
         return index
 
     def forward_plan(
@@ -270,8 +297,10 @@ class TrtPlan:
             shape = concrete_shape(t["shape"], sizes)
             size = nbytes(shape, t["dtype"])
             if buffer not in self.buffer_bytes or offset + size > self.buffer_bytes[buffer]:
-                raise MedusaError(f"{name} {shape} does not fit buffer {buffer} at byte {offset} "
-                                  f"(capacity {self.buffer_bytes.get(buffer, 0)} bytes)")
+                raise MedusaError(
+                    f"{name} {shape} does not fit buffer {buffer} at byte {offset} "
+                    f"(capacity {self.buffer_bytes.get(buffer, 0)} bytes)"
+                )
             plan[name] = Binding(buffer, offset, shape, size, t["mode"] == "input")
         return plan
 
@@ -327,13 +356,16 @@ class TrtBackend(Backend):
         self.capacity, self.max_nodes = self.plan.capacity, max_nodes
         name, trt = import_tensorrt(meta["flavor"])
         if trt.__version__ != meta["tensorrt_version"]:
-            raise MedusaError(f"engine {path} was built with {name} {meta['tensorrt_version']}, "
-                              f"this is {trt.__version__}: rebuild it")
+            raise MedusaError(
+                f"engine {path} was built with {name} {meta['tensorrt_version']}, "
+                f"this is {trt.__version__}: rebuild it"
+            )
         self.logger = make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self.cuda = _Cuda()
-        self.engines = {role: self._deserialize(path.parent / part["file"])
-                        for role, part in meta["engines"].items()}
+        self.engines = {
+            role: self._deserialize(path.parent / part["file"]) for role, part in meta["engines"].items()
+        }
         self.contexts = {role: e.create_execution_context() for role, e in self.engines.items()}
         if not all(self.contexts.values()):
             raise MedusaError(f"TensorRT could not create an execution context: {self.logger.last_error()}")
@@ -371,10 +403,12 @@ class TrtBackend(Backend):
         if not keep_all and t > self.max_nodes:
             raise MedusaError(f"a tree of {t} nodes exceeds this backend's {self.max_nodes}-node scratch")
         index, plan = self.plan.forward_plan(t, r, self.length, keep_all)
-        host = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)[None],
-                "position_ids": np.ascontiguousarray(positions, dtype=np.int64)[None],
-                "attention_mask": np.ascontiguousarray(masks[0], dtype=np.float32),
-                "output_rows": np.ascontiguousarray(rows, dtype=np.int64)}
+        host = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)[None],
+            "position_ids": np.ascontiguousarray(positions, dtype=np.int64)[None],
+            "attention_mask": np.ascontiguousarray(masks[0], dtype=np.float32),
+            "output_rows": np.ascontiguousarray(rows, dtype=np.int64),
+        }
         if "sliding_attention_mask" in plan:
             host["sliding_attention_mask"] = np.ascontiguousarray(masks[1], dtype=np.float32)
         self._run("model", index, plan, host)
