@@ -19,3 +19,9 @@ def stage(label: str, quiet: bool = False):
             file=sys.stderr,
             flush=True,
         )
+
+
+def log(message: str, quiet: bool = False) -> None:
+    """One progress line on stderr."""
+    if not quiet:
+        print(f"[medusa-export] {message}", file=sys.stderr, flush=True)

@@ -30,15 +30,11 @@ Files in --out: `config.json` + `medusa_lm_head.safetensors` (FasterDecoding for
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import math
-import random
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -47,23 +43,32 @@ import typer
 from medusa_runtime.errors import MedusaError
 
 from .fsutil import atomic_file
-from .progress import stage
+from .progress import log, stage
+from .train_data import (
+    MIN_TARGETS,
+    TrainData,
+    epoch_batches,
+    hidden_states,
+    make_batch,
+    prepare_data,
+    split_groups,
+)
+from .train_objective import (
+    IGNORE,
+    MAX_RANK,
+    head_offsets,
+    linear_cross_entropy,
+    shifted_targets,
+    target_ranks,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from .heads import MedusaHeads
     from .models.common import ExplicitDecoder
-    from .models.source import BaseModel
 
-IGNORE = -100
-MAX_RANK = 10  # columns of rank_accuracy
-SEEDS_FILE = Path(__file__).resolve().parent.parent / "configs" / "train_seeds.jsonl"
-DATA_FILE, CHECKPOINT_FILE, ACCURACY_FILE = "train_data.pt", "checkpoint.pt", "accuracy.json"
-# pass p >= 1 of self-distillation: sample the first m tokens (None: all) at temperature tau, then greedy
-SAMPLED_PASSES = ((0.8, 16), (1.0, 8), (0.7, None), (0.9, 32), (1.0, 24), (0.8, None))
-MIN_P = 0.05  # sampling keeps the tokens at least this fraction as likely as the most likely one
-MIN_TARGETS = 3  # shorter sequences give no head-target
+CHECKPOINT_FILE, ACCURACY_FILE = "checkpoint.pt", "accuracy.json"
 
 
 @dataclass
@@ -98,511 +103,12 @@ class TrainSettings:
 
 
 @dataclass
-class TrainData:
-    """Token sequences to train on: `starts[i]` is the first index of sequence i that is a target."""
-
-    sequences: list[list[int]]
-    starts: list[int]
-    groups: list[int]  # prompt or document index, for the held-out split
-    key: dict[str, Any]  # the settings that made it: a cached copy is reused only when they match
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s) for s in self.sequences)
-
-
-@dataclass
 class TrainResult:
     out: Path
     accuracy: dict[str, Any]
     losses: list[float]  # one per optimizer step, this run and resumed ones
     step: int
     regenerated: bool  # False when the data came from the cache
-
-
-# --------------------------------------------------------------------------------------------- targets
-
-
-def shifted_targets(
-    tokens: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, offsets: Sequence[int]
-) -> torch.Tensor:
-    """Targets [len(offsets), B, T]: row j at position t is tokens[t + offsets[j]], or IGNORE where that
-    index is past the sequence's length or before its first target `starts`.
-
-    With offsets (1,) this is the base model's next token; with (2, 3, ..., K+1) the K Medusa heads'.
-    """
-    import torch
-
-    b, t = tokens.shape
-    out = torch.full((len(offsets), b, t), IGNORE, dtype=torch.long, device=tokens.device)
-    index = torch.arange(t, device=tokens.device)
-    for j, offset in enumerate(offsets):
-        if offset >= t:
-            continue
-        source = index[offset:]  # target indices for positions 0 .. t-offset-1
-        valid = (source[None] < lengths[:, None]) & (source[None] >= starts[:, None])
-        out[j, :, : t - offset] = torch.where(valid, tokens[:, offset:], IGNORE)
-    return out
-
-
-def head_offsets(num_heads: int) -> list[int]:
-    """Head k predicts the token k + 2 positions after the one its hidden state has just read."""
-    return [k + 2 for k in range(num_heads)]
-
-
-# ------------------------------------------------------------------------------ chunked cross-entropy
-
-
-def _chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows per chunk of [rows, vocab] float32 logits: about 2 GiB on CUDA, 64 MiB on CPU."""
-    budget = 2**29 if device.type == "cuda" else 2**24
-    return max(1, budget // vocab)
-
-
-@functools.cache
-def _linear_ce():
-    """The autograd Function behind `linear_cross_entropy` (made on first use: torch imports lazily)."""
-    import torch
-
-    class LinearCrossEntropy(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, states, weight, targets, row_weights, softcap, compute_dtype):
-            loss, grad_states, grad_weight = _ce_forward(
-                states, weight, targets, row_weights, softcap, compute_dtype, weight.requires_grad
-            )
-            ctx.save_for_backward(grad_states, grad_weight)
-            return loss
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            grad_states, grad_weight = ctx.saved_tensors
-            grad_weight = None if grad_weight is None else grad_weight * grad_out
-            return grad_states * grad_out, grad_weight, None, None, None, None
-
-    return LinearCrossEntropy
-
-
-def linear_cross_entropy(
-    states: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    row_weights: torch.Tensor,
-    softcap: float | None = None,
-    compute_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """sum_i row_weights[i] * CE(softcap(states[i] @ weight.T), targets[i]), chunk by chunk.
-
-    Never holds more than one chunk of [rows, V] logits: the gradients w.r.t. the states (and the weight,
-    when it requires grad) are computed in the forward pass and only scaled in backward. The matmuls run
-    in `compute_dtype` (default: the weight's), the softmax in float32.
-    """
-    return _linear_ce().apply(states, weight, targets, row_weights, softcap, compute_dtype or weight.dtype)
-
-
-def _ce_forward(states, weight, targets, row_weights, softcap, compute_dtype, weight_grad: bool):
-    """Loss and gradients, one chunk of rows at a time: logits in `compute_dtype`, softmax in float32,
-    the row weights folded into the gradient matmuls (few full passes over the [rows, V] chunk)."""
-    import torch
-
-    chunk = _chunk_rows(weight.shape[0], states.device)
-    w = weight.detach().to(compute_dtype)
-    loss = torch.zeros((), dtype=torch.float32, device=states.device)
-    grad_states = torch.empty_like(states, dtype=torch.float32)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if weight_grad else None
-    for i in range(0, states.shape[0], chunk):
-        x = states[i : i + chunk].detach().to(compute_dtype)
-        y, rw = targets[i : i + chunk], row_weights[i : i + chunk, None]
-        rows = torch.arange(len(y), device=y.device)
-        z = x @ w.t()  # [r, V]
-        if softcap:
-            tanh = torch.tanh(z.float() / softcap)
-            z = tanh * softcap
-        grad = torch.softmax(z, dim=-1, dtype=torch.float32)  # becomes d loss / d z
-        loss -= (torch.log(grad[rows, y].clamp_min(1e-38)) * rw[:, 0]).sum()
-        grad[rows, y] -= 1.0
-        if softcap:
-            grad.mul_(1.0 - tanh * tanh)
-        grad = grad.to(compute_dtype)
-        grad_states[i : i + chunk] = (grad @ w).float() * rw
-        if grad_weight is not None:
-            grad_weight += (grad.t() @ (x * rw.to(compute_dtype))).float()
-    return loss, grad_states, grad_weight
-
-
-def target_ranks(states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Rank of each row's target among its logits `states @ weight.T` (0: the top token), chunked."""
-    import torch
-
-    chunk = _chunk_rows(weight.shape[0], states.device)
-    ranks = []
-    with torch.no_grad():
-        for i in range(0, states.shape[0], chunk):
-            z = (states[i : i + chunk].to(weight.dtype) @ weight.t()).float()
-            target = z.gather(1, targets[i : i + chunk, None])
-            ranks.append((z > target).sum(-1))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=states.device)
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-def load_seed_prompts(path: Path = SEEDS_FILE) -> list[str]:
-    """The `prompt` of each row of the seeds JSONL file."""
-    rows = _read_jsonl(path)
-    prompts = [row.get("prompt") for row in rows]
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise MedusaError(f"{path}: every row needs a non-empty `prompt` string")
-    return prompts
-
-
-def read_data_file(path: Path) -> tuple[str, list[str]]:
-    """("texts", documents) or ("prompts", prompts) from a JSONL file (`text`, `prompt` or `turns` rows)
-    or a plain text file of blank-line-separated documents."""
-    if not path.is_file():
-        raise MedusaError(f"--data file not found: {path}")
-    if path.suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
-        if rows and all(isinstance(r.get("text"), str) for r in rows):
-            return "texts", [r["text"] for r in rows if r["text"].strip()]
-        prompts = [_row_prompt(r) for r in rows]
-        if not prompts or not all(prompts):
-            raise MedusaError(
-                f"{path}: each JSONL row needs a `text`, a `prompt` or a non-empty `turns` list"
-            )
-        return "prompts", prompts
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise MedusaError(f"cannot read --data file {path}: {error}") from error
-    docs = [block.strip() for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
-    if not docs:
-        raise MedusaError(f"--data file {path} holds no text")
-    return "texts", docs
-
-
-def _row_prompt(row: dict[str, Any]) -> str | None:
-    prompt = row.get("prompt")
-    if prompt is None and isinstance(row.get("turns"), list) and row["turns"]:
-        prompt = row["turns"][0]
-    return prompt if isinstance(prompt, str) and prompt.strip() else None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise MedusaError(f"file not found: {path}")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as error:
-            raise MedusaError(f"{path}:{number}: not JSON: {error}") from error
-        if not isinstance(row, dict):
-            raise MedusaError(f"{path}:{number}: expected a JSON object")
-        rows.append(row)
-    return rows
-
-
-def text_sequences(tokenizer, docs: list[str], seq_len: int) -> TrainData:
-    """Tokenized documents cut into windows of `seq_len` tokens, every token a target."""
-    sequences, groups = [], []
-    for index, doc in enumerate(docs):
-        ids = tokenizer.encode(doc).ids
-        for i in range(0, len(ids), seq_len):
-            if len(ids[i : i + seq_len]) >= MIN_TARGETS:
-                sequences.append(ids[i : i + seq_len])
-                groups.append(index)
-    if not sequences:
-        raise MedusaError("the --data documents are too short to train on")
-    return TrainData(sequences, [0] * len(sequences), groups, {})
-
-
-@dataclass(frozen=True)
-class GenJob:
-    prompt: int  # index into the prompt list
-    temperature: float | None  # None: greedy
-    sampled_tokens: int | None  # sample this many tokens, then greedy; None: sample all
-
-
-def generation_jobs(num_prompts: int, num_samples: int, seed: int) -> list[GenJob]:
-    """`num_samples` continuations: pass 0 over the (shuffled) prompts greedy, later passes sampled."""
-    order = list(range(num_prompts))
-    random.Random(seed).shuffle(order)
-    jobs = []
-    for i in range(num_samples):
-        p = i // num_prompts
-        temperature, sampled = SAMPLED_PASSES[(p - 1) % len(SAMPLED_PASSES)] if p else (None, None)
-        jobs.append(GenJob(order[i % num_prompts], temperature, sampled))
-    return jobs
-
-
-@functools.cache
-def _row_sampling_class():
-    from transformers import LogitsProcessor
-
-    class RowSampling(LogitsProcessor):
-        """Each row's own sampling mode within one batched `generate(do_sample=True)`: row i samples its
-        first `sampled[i]` tokens at `temperature[i]` with min-p filtering, then keeps only its argmax, so
-        that it continues greedily (a greedy row has sampled[i] = 0)."""
-
-        def __init__(self, prompt_width: int, temperature, sampled) -> None:
-            self.prompt_width, self.temperature, self.sampled = prompt_width, temperature, sampled
-
-        def __call__(self, input_ids, scores):
-            import torch
-
-            scores = scores.float() / self.temperature[:, None]
-            top = scores.argmax(-1, keepdim=True)  # the first of tied maxima, as greedy decoding picks
-            keep = scores >= scores.gather(1, top) + math.log(MIN_P)  # min-p, in logit space
-            greedy = (self.sampled <= input_ids.shape[1] - self.prompt_width)[:, None]
-            keep = torch.where(greedy, torch.zeros_like(keep).scatter_(1, top, True), keep)
-            return scores.masked_fill(~keep, -math.inf)
-
-    return RowSampling
-
-
-def generate_batch(
-    base: BaseModel, prompts: list[list[int]], jobs: list[GenJob], max_new_tokens: int, device
-) -> list[list[int]]:
-    """Continue left-padded prompts with transformers' generate, each row in its job's sampling mode;
-    each result is cut after its first EOS."""
-    import torch
-    from transformers import LogitsProcessorList
-
-    pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    temperature = torch.tensor([j.temperature or 1.0 for j in jobs], device=device)
-    sampled = [
-        0 if j.temperature is None else max_new_tokens if j.sampled_tokens is None else j.sampled_tokens
-        for j in jobs
-    ]
-    processor = _row_sampling_class()(width, temperature, torch.tensor(sampled, device=device))
-    with torch.no_grad():
-        out = base.hf.generate(
-            ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
-            do_sample=True,  # sampling modes are the processor's: no other warper
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            logits_processor=LogitsProcessorList([processor]),
-            pad_token_id=pad,
-            eos_token_id=base.eos_token_ids or None,
-        )
-    results = []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in base.eos_token_ids), len(row))
-        results.append(row[:end])
-    return results
-
-
-def self_distill(
-    base: BaseModel, prompts: list[str], settings: TrainSettings, device, gen_batch: int
-) -> TrainData:
-    """Sequences = prompt + the base model's own continuation; only the continuation is a target."""
-    import torch
-    from tqdm import tqdm
-
-    encoded = [base.tokenizer.encode(p).ids[: max(1, settings.seq_len - MIN_TARGETS)] for p in prompts]
-    jobs = generation_jobs(len(prompts), settings.num_samples, settings.seed)
-    jobs.sort(key=lambda job: len(encoded[job.prompt]))  # similar prompt lengths share a batch
-    batches = [jobs[i : i + gen_batch] for i in range(0, len(jobs), gen_batch)]
-    sequences, starts, groups, generated = [], [], [], 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc="generating", unit="seq", disable=settings.quiet, file=sys.stderr)
-    for number, batch in enumerate(batches):
-        torch.manual_seed(settings.seed * 100_003 + number)
-        outs = generate_batch(
-            base, [encoded[j.prompt] for j in batch], batch, settings.max_new_tokens, device
-        )
-        for job, new in zip(batch, outs, strict=True):
-            prompt = encoded[job.prompt]
-            generated += len(new)
-            if len(new) >= MIN_TARGETS:
-                sequences.append((prompt + new)[: settings.seq_len])
-                starts.append(len(prompt))
-                groups.append(job.prompt)
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.0f}")
-    bar.close()
-    seconds = time.perf_counter() - start
-    if not sequences:
-        raise MedusaError("the base model produced no continuation long enough to train on (EOS at once?)")
-    meta = {
-        "generated_tokens": generated,
-        "generation_s": round(seconds, 2),
-        "generation_tok_s": round(generated / max(seconds, 1e-9), 1),
-    }
-    _log(
-        f"generated {generated} tokens in {seconds:.1f}s ({meta['generation_tok_s']:.0f} tokens/s)",
-        settings.quiet,
-    )
-    return TrainData(sequences, starts, groups, {}, meta)
-
-
-def data_key(settings: TrainSettings) -> dict[str, Any]:
-    """What the training data depends on: a cached copy with the same key is reused."""
-    source = "seeds:" + str(SEEDS_FILE) if settings.data is None else "file:" + str(settings.data.resolve())
-    path = SEEDS_FILE if settings.data is None else settings.data
-    stat = path.stat() if path.is_file() else None
-    return {
-        "model": settings.model,
-        "source": source,
-        "source_size": stat.st_size if stat else None,
-        "source_mtime": int(stat.st_mtime) if stat else None,
-        "num_samples": settings.num_samples,
-        "max_new_tokens": settings.max_new_tokens,
-        "seq_len": settings.seq_len,
-        "seed": settings.seed,
-    }
-
-
-def save_data(data: TrainData, path: Path) -> None:
-    import torch
-
-    flat = [t for s in data.sequences for t in s]
-    payload = {
-        "tokens": torch.tensor(flat, dtype=torch.int32),
-        "lengths": torch.tensor([len(s) for s in data.sequences], dtype=torch.int64),
-        "starts": torch.tensor(data.starts, dtype=torch.int64),
-        "groups": torch.tensor(data.groups, dtype=torch.int64),
-        "key": json.dumps(data.key),
-        "meta": json.dumps(data.meta),
-    }
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_data(path: Path) -> TrainData:
-    import torch
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        lengths = payload["lengths"].tolist()
-        flat = payload["tokens"].tolist()
-        offsets = [0, *itertools.accumulate(lengths)]
-        sequences = [flat[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
-        return TrainData(
-            sequences,
-            payload["starts"].tolist(),
-            payload["groups"].tolist(),
-            json.loads(payload["key"]),
-            json.loads(payload["meta"]),
-        )
-    except Exception as error:
-        raise MedusaError(
-            f"cannot read cached training data {path}: {error}; delete it to regenerate"
-        ) from error
-
-
-def prepare_data(base: BaseModel, settings: TrainSettings, device, gen_batch: int) -> tuple[TrainData, bool]:
-    """The training data from the cache in --out when its key matches, else made now (and cached).
-    Returns (data, made_now)."""
-    key = data_key(settings)
-    path = settings.out / DATA_FILE
-    if path.is_file():
-        cached = load_data(path)
-        if cached.key == key:
-            _log(f"reusing {len(cached.sequences)} cached sequences from {path}", settings.quiet)
-            return cached, False
-        if settings.resume:
-            changed = sorted(k for k in key if cached.key.get(k) != key[k])
-            raise MedusaError(
-                f"--resume: the cached data in {path} was made with other settings "
-                f"({', '.join(changed)}); drop --resume to start over"
-            )
-    if settings.data is not None:
-        kind, items = read_data_file(settings.data)
-    else:
-        kind, items = "prompts", load_seed_prompts()
-    if kind == "texts":
-        data = text_sequences(base.tokenizer, items, settings.seq_len)
-    else:
-        with stage(
-            f"self-distillation: {settings.num_samples} continuations of {len(items)} prompts, "
-            f"{settings.max_new_tokens} new tokens each",
-            settings.quiet,
-        ):
-            data = self_distill(base, items, settings, device, gen_batch)
-    data.key = key
-    data.meta.update(source=key["source"], kind=kind, num_items=len(items))
-    save_data(data, path)
-    return data, True
-
-
-def split_groups(groups: list[int], holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) sequence indices; whole groups (prompts, documents) go to one side.
-    With holdout 0, or a single group, the held-out side is the training data itself."""
-    distinct = sorted(set(groups))
-    random.Random(seed + 1).shuffle(distinct)
-    n_eval = min(len(distinct) - 1, max(1, round(holdout * len(distinct)))) if holdout > 0 else 0
-    held = set(distinct[:n_eval])
-    train = [i for i, g in enumerate(groups) if g not in held]
-    evaluate = [i for i, g in enumerate(groups) if g in held]
-    return train, (evaluate or train)
-
-
-# ------------------------------------------------------------------------------------------- batches
-
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor  # [B, T] right-padded
-    lengths: torch.Tensor  # [B]
-    starts: torch.Tensor  # [B]
-
-
-def make_batch(data: TrainData, indices: list[int], pad: int, device) -> Batch:
-    import torch
-
-    width = max(len(data.sequences[i]) for i in indices)
-    tokens = torch.full((len(indices), width), pad, dtype=torch.long)
-    for row, i in enumerate(indices):
-        tokens[row, : len(data.sequences[i])] = torch.tensor(data.sequences[i])
-    lengths = torch.tensor([len(data.sequences[i]) for i in indices])
-    starts = torch.tensor([data.starts[i] for i in indices])
-    return Batch(tokens.to(device), lengths.to(device), starts.to(device))
-
-
-def epoch_batches(indices: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch: a seeded shuffle, the same again on --resume."""
-    order = list(indices)
-    random.Random(seed * 7919 + epoch).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def hidden_states(decoder: ExplicitDecoder, tokens: torch.Tensor) -> torch.Tensor:
-    """Final-normed hidden states [B, T, C] in float32: the explicit decoder, causal masks, no cache."""
-    import numpy as np
-    import torch
-
-    from medusa_runtime.masks import causal, step_masks
-
-    from .models.common import empty_past
-
-    b, t = tokens.shape
-    full, sliding = step_masks(0, np.arange(t), causal(t), decoder.cfg.sliding_window)
-    device, dtype = tokens.device, decoder.lm_head_weight().dtype
-    positions = torch.arange(t, device=device).expand(b, t)
-    sliding_mask = None if sliding is None else torch.from_numpy(sliding).to(device)
-    with torch.no_grad():
-        hidden, _ = decoder(
-            tokens,
-            positions,
-            torch.from_numpy(full).to(device),
-            sliding_mask,
-            empty_past(decoder.cfg, b, dtype, device),
-        )
-    return hidden.float()
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -778,9 +284,9 @@ def run_training(
     ckpt = settings.out / CHECKPOINT_FILE
     if settings.resume and ckpt.is_file():
         step, losses = load_checkpoint(ckpt, heads, optimizer, ckpt_meta)
-        _log(f"resuming from step {step} of {total}", settings.quiet)
+        log(f"resuming from step {step} of {total}", settings.quiet)
     elif settings.resume:
-        _log(f"no checkpoint in {settings.out}: starting from scratch", settings.quiet)
+        log(f"no checkpoint in {settings.out}: starting from scratch", settings.quiet)
     offsets = head_offsets(heads.num_heads)
     tokens, start, first_step = 0, time.perf_counter(), step
     bar = tqdm(
@@ -824,7 +330,7 @@ def run_training(
         "head_targets_per_s": round(tokens / max(seconds, 1e-9), 1),
     }
     if step > first_step:
-        _log(
+        log(
             f"trained {step - first_step} steps in {seconds:.1f}s ({stats['head_targets_per_s']:.0f} "
             "head targets/s)",
             settings.quiet,
@@ -1013,11 +519,6 @@ def format_table(accuracy: dict[str, Any]) -> str:
         )
     lines.append(f"base model top-1 on the same text (t+1): {accuracy['base_top1']:.3f}")
     return "\n".join(lines)
-
-
-def _log(message: str, quiet: bool) -> None:
-    if not quiet:
-        print(f"[medusa-export] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from conftest import SPECBENCH
 from medusa_export import train as tr
+from medusa_export import train_data as td
+from medusa_export import train_objective as to
 from medusa_export.heads import load_heads
 from medusa_export.models import explicit_model
 from medusa_runtime.errors import MedusaError
@@ -45,8 +47,8 @@ def _cli():
 def test_shifted_targets_follow_the_k_plus_2_convention():
     tokens = torch.tensor([[10, 11, 12, 13, 14, 15, 0], [20, 21, 22, 23, 24, 25, 26]])
     lengths, starts = torch.tensor([6, 7]), torch.tensor([0, 3])
-    targets = tr.shifted_targets(tokens, lengths, starts, [1, *tr.head_offsets(2)])
-    i = tr.IGNORE
+    targets = to.shifted_targets(tokens, lengths, starts, [1, *to.head_offsets(2)])
+    i = to.IGNORE
     # base (t+1), head 0 (t+2), head 1 (t+3); row 0 ends at length 6, row 1's targets start at index 3
     assert targets[:, 0].tolist() == [
         [11, 12, 13, 14, 15, i, i],
@@ -58,7 +60,7 @@ def test_shifted_targets_follow_the_k_plus_2_convention():
         [i, 23, 24, 25, 26, i, i],
         [23, 24, 25, 26, i, i, i],
     ]
-    assert tr.head_offsets(4) == [2, 3, 4, 5]
+    assert to.head_offsets(4) == [2, 3, 4, 5]
 
 
 def test_hidden_states_are_the_final_normed_states_the_graph_uses(tiny_base):
@@ -67,7 +69,7 @@ def test_hidden_states_are_the_final_normed_states_the_graph_uses(tiny_base):
     base = tiny_base("tiny-gemma3")
     decoder = explicit_model(base)
     tokens = torch.tensor([base.tokenizer.encode("Sliding windows over a prompt longer than eight").ids] * 2)
-    hidden = tr.hidden_states(decoder, tokens)
+    hidden = td.hidden_states(decoder, tokens)
     with torch.no_grad():
         out = base.hf(tokens, output_hidden_states=True)
         ref = base.hf.model(tokens).last_hidden_state
@@ -78,13 +80,13 @@ def test_hidden_states_are_the_final_normed_states_the_graph_uses(tiny_base):
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("train_weight", [False, True])
 def test_chunked_cross_entropy_matches_autograd(monkeypatch, softcap, train_weight):
-    monkeypatch.setattr(tr, "_chunk_rows", lambda vocab, device: 3)  # several chunks, one partial
+    monkeypatch.setattr(to, "_chunk_rows", lambda vocab, device: 3)  # several chunks, one partial
     g = torch.Generator().manual_seed(0)
     states = torch.randn(10, 8, generator=g, requires_grad=True)
     weight = torch.randn(30, 8, generator=g).requires_grad_(train_weight)
     targets = torch.randint(0, 30, (10,), generator=g)
     row_weights = torch.rand(10, generator=g)
-    loss = tr.linear_cross_entropy(states, weight, targets, row_weights, softcap)
+    loss = to.linear_cross_entropy(states, weight, targets, row_weights, softcap)
     (2 * loss).backward()
     s2, w2 = states.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_(train_weight)
     logits = s2 @ w2.t()
@@ -101,7 +103,7 @@ def test_chunked_cross_entropy_matches_autograd(monkeypatch, softcap, train_weig
 def test_target_ranks_count_better_tokens():
     states = torch.eye(3)
     weight = torch.tensor([[3.0, 0, 0], [2.0, 1, 0], [1.0, 2, 0], [0, 0, 1]])  # logits = weight columns
-    ranks = tr.target_ranks(states, weight, torch.tensor([1, 2, 3]))
+    ranks = to.target_ranks(states, weight, torch.tensor([1, 2, 3]))
     assert ranks.tolist() == [1, 0, 0]
 
 
@@ -109,8 +111,8 @@ def test_target_ranks_count_better_tokens():
 
 
 def test_seed_prompts_are_many_varied_and_unique():
-    rows = [json.loads(line) for line in tr.SEEDS_FILE.read_text().splitlines() if line.strip()]
-    prompts = tr.load_seed_prompts()
+    rows = [json.loads(line) for line in td.SEEDS_FILE.read_text().splitlines() if line.strip()]
+    prompts = td.load_seed_prompts()
     assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)
     assert len({row["category"] for row in rows}) >= 10
 
@@ -129,7 +131,7 @@ def test_seed_prompts_are_not_benchmark_prompts():
     ]
     bench = {" ".join(words(t)) for t in turns}
     bench_shingles = set().union(*(shingles(t) for t in turns))
-    for prompt in tr.load_seed_prompts():
+    for prompt in td.load_seed_prompts():
         assert " ".join(words(prompt)) not in bench, prompt
         assert not shingles(prompt) & bench_shingles, prompt
 
@@ -137,23 +139,23 @@ def test_seed_prompts_are_not_benchmark_prompts():
 def test_data_file_formats(tmp_path):
     text = tmp_path / "docs.txt"
     text.write_text("first document\nstill first\n\n\nsecond one\n")
-    assert tr.read_data_file(text) == ("texts", ["first document\nstill first", "second one"])
+    assert td.read_data_file(text) == ("texts", ["first document\nstill first", "second one"])
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "a"}\n{"text": "b"}\n')
-    assert tr.read_data_file(rows) == ("texts", ["a", "b"])
+    assert td.read_data_file(rows) == ("texts", ["a", "b"])
     rows.write_text('{"prompt": "p1"}\n\n{"turns": ["t1", "t2"]}\n')
-    assert tr.read_data_file(rows) == ("prompts", ["p1", "t1"])
+    assert td.read_data_file(rows) == ("prompts", ["p1", "t1"])
     rows.write_text('{"other": 1}\n')
     with pytest.raises(MedusaError, match="text"):
-        tr.read_data_file(rows)
+        td.read_data_file(rows)
 
 
 def test_generation_jobs_start_greedy_then_sample():
-    jobs = tr.generation_jobs(num_prompts=5, num_samples=12, seed=0)
+    jobs = td.generation_jobs(num_prompts=5, num_samples=12, seed=0)
     assert [j.temperature for j in jobs[:5]] == [None] * 5
     assert sorted(j.prompt for j in jobs[:5]) == list(range(5))
     assert all(j.temperature is not None for j in jobs[5:])
-    assert {(j.temperature, j.sampled_tokens) for j in jobs[5:10]} == {tr.SAMPLED_PASSES[0]}
+    assert {(j.temperature, j.sampled_tokens) for j in jobs[5:10]} == {td.SAMPLED_PASSES[0]}
 
 
 def test_one_batch_mixes_greedy_and_sampled_then_greedy_rows(tiny_base):
@@ -163,9 +165,9 @@ def test_one_batch_mixes_greedy_and_sampled_then_greedy_rows(tiny_base):
 
     base = tiny_base("tiny-llama")
     prompts = [base.tokenizer.encode(p).ids for p in ("Once upon a time", "x = 1", "Hello there")]
-    jobs = [tr.GenJob(0, None, None), tr.GenJob(1, 1.0, 5), tr.GenJob(2, 1.0, None)]
+    jobs = [td.GenJob(0, None, None), td.GenJob(1, 1.0, 5), td.GenJob(2, 1.0, None)]
     torch.manual_seed(0)
-    greedy, prefix_then_greedy, sampled = tr.generate_batch(base, prompts, jobs, 16, "cpu")
+    greedy, prefix_then_greedy, sampled = td.generate_batch(base, prompts, jobs, 16, "cpu")
     assert greedy == hf_greedy(base, prompts[0], 16).tokens
     out = prefix_then_greedy
     assert out[5:] == hf_greedy(base, prompts[1] + out[:5], len(out) - 5).tokens
@@ -186,7 +188,7 @@ def test_heads_learn_a_periodic_sequence_k_plus_2_ahead(tmp_path, tiny_base):
     decoder = explicit_model(base)
     heads = load_heads(out, base.config.hidden_size, base.config.vocab_size)
     ids = base.tokenizer.encode((PERIOD * 20)[3:40]).ids
-    hidden = tr.hidden_states(decoder, torch.tensor([ids]))[0]
+    hidden = td.hidden_states(decoder, torch.tensor([ids]))[0]
     with torch.no_grad():
         guesses = heads(hidden, decoder.lm_head_weight()).argmax(-1)  # [K, T]
     for k in range(heads.num_heads):
@@ -208,7 +210,7 @@ def test_self_distillation_outputs_and_resume(tmp_path, monkeypatch):
     heads = load_heads(out, 64, 320)
     assert (heads.num_heads, heads.num_layers, heads.shared_lm_head) == (3, 1, True)
     acc = json.loads((out / "accuracy.json").read_text())
-    assert len(acc["rank_accuracy"]) == 3 and all(len(row) == tr.MAX_RANK for row in acc["rank_accuracy"])
+    assert len(acc["rank_accuracy"]) == 3 and all(len(row) == to.MAX_RANK for row in acc["rank_accuracy"])
     for k in range(3):
         row = acc["rank_accuracy"][k]
         assert 0 <= acc["top1"][k] <= acc["top5"][k] <= sum(row) + 1e-6 <= 1 + 1e-6
@@ -224,13 +226,13 @@ def test_self_distillation_outputs_and_resume(tmp_path, monkeypatch):
     def no_generation(*a, **kw):
         raise AssertionError("--resume must reuse the cached data")
 
-    monkeypatch.setattr(tr, "self_distill", no_generation)
-    data_mtime = (out / tr.DATA_FILE).stat().st_mtime_ns
+    monkeypatch.setattr(td, "self_distill", no_generation)
+    data_mtime = (out / td.DATA_FILE).stat().st_mtime_ns
     resumed = runner.invoke(_cli(), [*args, "--epochs", "5", "--resume"])
     assert resumed.exit_code == 0, resumed.output
     acc2 = json.loads((out / "accuracy.json").read_text())["train"]
     assert acc2["steps"] > steps and acc2["steps_this_run"] == acc2["steps"] - steps
-    assert (out / tr.DATA_FILE).stat().st_mtime_ns == data_mtime
+    assert (out / td.DATA_FILE).stat().st_mtime_ns == data_mtime
 
 
 def test_loss_decreases_with_per_head_projections(tmp_path):

@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from medusa_runtime.errors import MedusaError
+
 from .common import DecoderConfig, ExplicitDecoder, apply_rope, attend, rms_norm, rope
 
 FAMILIES = ("gemma3_text",)
@@ -46,7 +48,7 @@ class Gemma3(ExplicitDecoder):
             final_logit_softcap=getattr(c, "final_logit_softcapping", None),
         )
         if getattr(c, "attn_logit_softcapping", None) is not None:
-            raise NotImplementedError("Gemma 3 with attention logit soft-capping is not supported")
+            raise MedusaError("Gemma 3 with attention logit soft-capping is not supported")
         self.eps = c.rms_norm_eps
         self.scaling = c.query_pre_attn_scalar**-0.5
         self.embed_scale = math.sqrt(c.hidden_size)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from medusa_runtime.errors import MedusaError
 
-from .tiny import TINY_CONFIGS, make_tiny
+from .tiny import TINY, make_tiny
 
 GEMMA_BUILTIN = "gemma3-270m"
-BUILTINS = (GEMMA_BUILTIN, *TINY_CONFIGS)
+BUILTINS = (GEMMA_BUILTIN, *TINY)
 
 
 @dataclass
@@ -45,7 +45,7 @@ def load_base(spec: str, dtype: str = "fp32") -> BaseModel:
     """Load MODEL (see module docstring) in the given dtype (fp32, fp16, bf16), eval mode, eager attention."""
 
     torch_dtype = torch_dtype_of(dtype)
-    if spec in TINY_CONFIGS:
+    if spec in TINY:
         hf, tok = make_tiny(spec)
         hf = hf.to(torch_dtype)
     elif spec == GEMMA_BUILTIN:

@@ -6,39 +6,17 @@ decoder and the oracle (transformers itself) all see the same weights.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 VOCAB_SIZE = 320  # 256 bytes + <pad> <bos> <eos>, rounded up
 SPECIALS = ("<pad>", "<bos>", "<eos>")
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "models"  # tiny-*.json: model type + config
+TINY = tuple(sorted(p.stem for p in PRESETS.glob("tiny-*.json")))
 
-_COMMON = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
-TINY_CONFIGS = {
-    "tiny-llama": ("llama", dict(_COMMON, rope_theta=10000.0, tie_word_embeddings=False)),
-    "tiny-qwen2": ("qwen2", dict(_COMMON, rope_theta=10000.0, tie_word_embeddings=True)),
-    "tiny-gemma3": (
-        "gemma3_text",
-        dict(
-            _COMMON,
-            head_dim=16,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-            query_pre_attn_scalar=16,
-            rope_theta=1_000_000.0,
-            rope_local_base_freq=10000.0,
-            tie_word_embeddings=True,
-        ),
-    ),
-}
+def tiny_preset(name: str) -> dict:
+    return json.loads((PRESETS / f"{name}.json").read_text())
 
 
 def byte_tokenizer():
@@ -63,12 +41,12 @@ def make_tiny(name: str, seed: int = 0):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type, kwargs = TINY_CONFIGS[name]
-    config = AutoConfig.for_model(model_type, **kwargs)
-    torch.manual_seed(seed)
+    preset = tiny_preset(name)
+    config = AutoConfig.for_model(preset["model_type"], **preset["config"])
+    torch.manual_seed(seed + preset["seed"])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():  # larger-than-default weights give peaked, prompt-dependent predictions
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0.0, 0.15)
+                p.normal_(0.0, preset["init_std"])
     return model.eval(), byte_tokenizer()
