@@ -32,6 +32,7 @@ DEFAULT_TREES = (
     "tree8",
     "tree16",
     "mc_sim_7b_63",
+    "gemma3-270m-4",
     "gemma3-270m-8",
     "gemma3-270m-16",
     "gemma3-270m-32",

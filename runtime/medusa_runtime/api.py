@@ -1,4 +1,4 @@
-"""The Python API: `MedusaRuntime(folder).stream(prompt)` yields text as tokens are accepted;
+"""The Python API: `MedusaRuntime.open(folder).stream(prompt)` yields text as tokens are accepted;
 `.generate(prompt)` returns the whole result with its statistics."""
 
 from __future__ import annotations
