@@ -22,7 +22,7 @@ class TimedBackend:
     def __init__(self, inner):
         self.inner, self.device_s = inner, 0.0
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # everything else (reset, logits, length, capacity) is the backend's
         return getattr(self.inner, name)
 
     def _timed(self, fn, *args, **kw):
@@ -32,25 +32,11 @@ class TimedBackend:
         finally:
             self.device_s += time.perf_counter() - start
 
-    def reset(self):
-        self.inner.reset()
-
     def forward(self, *args, **kw):
         return self._timed(self.inner.forward, *args, **kw)
 
     def commit(self, rows):
         return self._timed(self.inner.commit, rows)
-
-    def logits(self):
-        return self.inner.logits()
-
-    @property
-    def length(self):
-        return self.inner.length
-
-    @property
-    def capacity(self):
-        return self.inner.capacity
 
 
 def _stats(values: list[float]) -> dict:

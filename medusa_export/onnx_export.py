@@ -174,7 +174,7 @@ def _model_json(cfg) -> dict:
     }
 
 
-def sample_inputs(graph, inputs, torch_dtype, tokens=3, past=5, rows=2):
+def sample_inputs(inputs, torch_dtype, tokens=3, past=5, rows=2):
     """Tracing inputs at shapes that specialise nothing (no 0/1 sizes)."""
     import torch
 
@@ -196,7 +196,7 @@ def sample_inputs(graph, inputs, torch_dtype, tokens=3, past=5, rows=2):
 def _trace(graph, inputs, outputs, path: Path, opset: int, torch_dtype) -> None:
     import torch
 
-    args = sample_inputs(graph, inputs, torch_dtype)
+    args = sample_inputs(inputs, torch_dtype)
     dims = {}
     for s in inputs:
         dims[s.name] = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(s.shape) if isinstance(d, str)}

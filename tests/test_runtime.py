@@ -181,3 +181,17 @@ def test_draft_vocabulary_heads_keep_outputs_exact(tiny_base, tmp_path):
 
     out = prefill(rt.backend, rt.encode(PROMPTS[0]), rt.window)
     assert set(out.medusa_topk.ravel().tolist()) <= draft
+
+
+def test_typical_acceptance_on_the_ort_backend(tiny_artifact):
+    """Typical acceptance reads the tree's base logits from the backend; seeded, so it repeats."""
+    from medusa_runtime.acceptance import Typical
+
+    runs = [
+        MedusaRuntime.open(tiny_artifact("tiny-gemma3"), tree="tree16", acceptance=Typical()).generate(
+            PROMPTS[1], 40
+        )
+        for _ in range(2)
+    ]
+    assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 40
+    assert runs[0].mean_accepted > 1.0
