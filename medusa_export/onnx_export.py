@@ -72,7 +72,7 @@ def export_onnx(
         med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
         drafts = draft_ids(heads, draft_vocab or _trained_draft_vocab(heads), cfg.vocab_size)
     head_vocab = cfg.vocab_size if drafts is None else len(drafts)
-    served = _served_trees(trees, med.num_heads)
+    served = _served_trees(trees, med.num_heads, model)
     if not served:
         raise MedusaError(f"no tree fits {med.num_heads} heads: give --tree with a shallower tree")
     topk = max(1, max(build_tree(c).topk for c in served.values()))
@@ -142,9 +142,14 @@ def _ref(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
-def _served_trees(names: list[str] | None, num_heads: int) -> dict[str, list]:
+def _served_trees(names: list[str] | None, num_heads: int, model: str) -> dict[str, list]:
+    """The trees asked for, or the presets that fit the heads (a preset named after a built-in model,
+    e.g. gemma3-270m-8, was built from that model's heads and is served only with it)."""
+    from .models.source import BUILTINS
+
     served = {}
-    for spec in names or DEFAULT_TREES:
+    defaults = [t for t in DEFAULT_TREES if not any(t.startswith(f"{b}-") and b != model for b in BUILTINS)]
+    for spec in names or defaults:
         name, choices = load_choices(spec, [TREE_DIR])
         if build_tree(choices).depth <= num_heads:
             served[name] = choices
