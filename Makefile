@@ -34,7 +34,7 @@ pytest: install
 	$(PY) -m pytest
 
 $(ART)/gemma3-270m/artifact.json: | install
-	$(CLI) onnx gemma3-270m --heads $(HEADS) --out $(ART)/gemma3-270m --max-seq 2048 --default-tree gemma3-270m-8
+	$(CLI) onnx gemma3-270m --heads $(HEADS) --out $(ART)/gemma3-270m --max-seq 2048 --default-tree gemma3-270m-4
 
 $(ART)/tiny-%/artifact.json: | install
 	$(CLI) onnx tiny-$* --heads random:4 --out $(ART)/tiny-$* --max-seq 2048
