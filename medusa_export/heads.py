@@ -117,7 +117,11 @@ class MedusaHeads(nn.Module):
 
 
 def save_heads(
-    heads: MedusaHeads, folder: str | os.PathLike[str], base_model_name_or_path: str, fmt: str = "safetensors"
+    heads: MedusaHeads,
+    folder: str | os.PathLike[str],
+    base_model_name_or_path: str,
+    fmt: str = "safetensors",
+    extra_config: dict[str, object] | None = None,
 ) -> Path:
     """Write `config.json` and `medusa_lm_head.<fmt>` into `folder` (FasterDecoding layout); return it.
 
@@ -134,6 +138,7 @@ def save_heads(
         "hidden_size": heads.hidden_size,
         "vocab_size": heads.vocab_size,
         "shared_lm_head": heads.shared_lm_head,
+        **(extra_config or {}),
     }
     state = {key: value.detach().cpu().contiguous() for key, value in heads.heads.state_dict().items()}
     try:

@@ -465,11 +465,9 @@ def train(settings: TrainSettings) -> TrainResult:
     step, losses, stats = run_training(decoder, scorer, data, train_idx, settings, device, pad)
     with stage(f"evaluating on {len(eval_idx)} held-out sequences", settings.quiet):
         accuracy = evaluate(decoder, scorer, data, eval_idx, settings, device, pad)
-    save_heads(heads.cpu().float(), settings.out, settings.model)
-    if remap is not None:  # these heads rank only the draft vocabulary: export must restrict them to it
-        config = json.loads((settings.out / "config.json").read_text())
-        config["draft_vocab"] = len(lm_head)
-        (settings.out / "config.json").write_text(json.dumps(config, indent=2))
+    # heads that rank only a draft vocabulary record its size: export must restrict them to it
+    extra = {"draft_vocab": len(lm_head)} if remap is not None else None
+    save_heads(heads.cpu().float(), settings.out, settings.model, extra_config=extra)
     accuracy["train"] = _metadata(
         settings, data, train_idx, eval_idx, step, losses, stats, device, dtype, time.perf_counter() - wall
     )

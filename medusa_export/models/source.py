@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from medusa_runtime.errors import MedusaError
 
+from ..fsutil import atomic_dir
 from .tiny import TINY, make_tiny
 
 GEMMA_BUILTIN = "gemma3-270m"
@@ -133,18 +132,11 @@ def _dequantize_gguf(gguf_path: Path, folder: Path) -> Path:
     kw = dict(gguf_file=gguf_path.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         config = hf.config.to_dict()
-        config.pop("quantization_config", None)
+        config.pop("quantization_config", None)  # save_pretrained refuses it; the weights are dequantized
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
         save_file(state, str(tmp / "model.safetensors"))
         tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-        del hf
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

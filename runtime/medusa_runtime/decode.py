@@ -7,6 +7,7 @@ decoding is the same loop with the root-only tree.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -75,11 +76,12 @@ def decode(
             draft = drafter(context, draft)
         cand = candidates(tree, token, draft)
         out = verify(backend, tree, cand, window)
-        nodes = acceptance.accept(tree, cand, out.next_tokens, backend.logits)
+        logits = functools.cache(backend.logits)  # to the host at most once a step, only if asked for
+        nodes = acceptance.accept(tree, cand, out.next_tokens, logits)
         if tree.num_nodes > 1:
             backend.commit(nodes)
         last = int(nodes[-1])
-        token = acceptance.next_token(last, out.next_tokens, backend.logits, rng)
+        token = acceptance.next_token(last, out.next_tokens, logits, rng)
         emitted = [int(t) for t in cand[nodes[1:]]] + [token]
         draft = out.medusa_topk[:, last]
         context += emitted
