@@ -14,6 +14,7 @@ from medusa_runtime.errors import MedusaError
 from .fsutil import atomic_file
 
 METHODS = ("medusa", "plain", "hf")
+COLORS = {"medusa": "tab:green", "plain": "tab:blue", "hf": "tab:gray", "compare": "tab:olive"}
 
 
 class TimedBackend:
@@ -63,6 +64,7 @@ def bench(
     out: Path | None = None,
     quiet: bool = False,
     per_category: int | None = None,
+    compare: Path | None = None,
 ) -> dict:
     from tqdm import tqdm
 
@@ -72,27 +74,35 @@ def bench(
     from .reference import hf_greedy
     from .validate import read_prompts
 
-    medusa = MedusaRuntime.open(folder, backend=backend, tree=tree)
-    timed = TimedBackend(medusa.backend)
-    medusa.backend = timed
+    def timed_runtime(path: Path):
+        runtime = MedusaRuntime.open(path, backend=backend, tree=tree)
+        runtime.backend = TimedBackend(runtime.backend)
+        return runtime
+
+    medusa = timed_runtime(folder)
+    # another artifact (other export options, dtype, ...) decoding with the same tree, interleaved too
+    other = timed_runtime(compare) if compare else None
     plain = MedusaRuntime(
-        timed, medusa.tokenizer, build_tree([]), medusa.eos, medusa.window, tree_name="plain"
+        medusa.backend, medusa.tokenizer, build_tree([]), medusa.eos, medusa.window, tree_name="plain"
     )
     meta = medusa.artifact.meta
     rows = read_prompts(prompts, limit, per_category)
     base = _hf_model(meta, backend) if hf else None
 
+    runtimes = {"medusa": medusa, "plain": plain, "compare": other}
+
     def run(method: str, ids: list[int]) -> tuple[list[int], float, float, float]:
         """tokens, seconds, device seconds, mean accepted"""
-        timed.device_s = 0.0
         start = time.perf_counter()
         if method == "hf":
             tokens = hf_greedy(base, ids, max_new_tokens, scores=False).tokens
             return tokens, time.perf_counter() - start, 0.0, 1.0
-        res = (medusa if method == "medusa" else plain).generate(ids, max_new_tokens)
-        return res.token_ids, time.perf_counter() - start, timed.device_s, res.mean_accepted or 1.0
+        runtime = runtimes[method]
+        runtime.backend.device_s = 0.0
+        res = runtime.generate(ids, max_new_tokens)
+        return res.token_ids, time.perf_counter() - start, runtime.backend.device_s, res.mean_accepted or 1.0
 
-    methods = [m for m in METHODS if m != "hf" or base is not None]
+    methods = [m for m in METHODS if m != "hf" or base is not None] + (["compare"] if other else [])
     warm = medusa.encode(rows[0]["prompt"])
     for m in methods:  # warm-up: session initialisation, allocator growth, cuBLAS handles
         run(m, warm[:32])
@@ -137,6 +147,7 @@ def bench(
         "dtype": meta["dtype"],
         "tree": medusa.tree_name,
         "tree_nodes": medusa.tree.num_nodes,
+        **({"compare": str(compare)} if compare else {}),
         "max_new_tokens": max_new_tokens,
         "prompts": len(rows),
         "runs": runs,
@@ -151,7 +162,7 @@ def bench(
         if m != "hf":
             entry["device_fraction"] = device / total
             entry["host_fraction"] = 1 - device / total
-        if m == "medusa":
+        if m in ("medusa", "compare"):
             by_cat = defaultdict(list)
             for x in s:
                 by_cat[x["category"]].append(x["accepted"])
@@ -225,7 +236,7 @@ def _plot(result: dict, path: Path) -> None:
         [m - result["methods"][n]["tok_s"]["p25"] for n, m in zip(names, med)],
         [result["methods"][n]["tok_s"]["p75"] - m for n, m in zip(names, med)],
     ]
-    a.bar(names, med, yerr=err, capsize=4, color=["tab:green", "tab:blue", "tab:gray"][: len(names)])
+    a.bar(names, med, yerr=err, capsize=4, color=[COLORS[n] for n in names])
     a.set_ylabel("tokens/s (median, p25-p75)")
     a.set_title(f"{result['backend']} {result['dtype']}, tree {result['tree']}")
     cats = result["methods"]["medusa"]["accepted_by_category"]

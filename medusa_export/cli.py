@@ -46,7 +46,15 @@ def onnx(
     out: Annotated[Path, typer.Option("--out", help="artifact folder to write")],
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | bf16")] = "fp32",
     max_seq: Annotated[int, typer.Option("--max-seq", help="KV capacity (prompt + generated + tree)")] = 2048,
-    opset: Annotated[int, typer.Option("--opset")] = 18,
+    opset: Annotated[
+        int,
+        typer.Option(
+            "--opset",
+            min=18,
+            max=23,
+            help="23: RMSNorm, RoPE and GELU as single nodes (a quarter of the nodes); 18-22: elementary ops",
+        ),
+    ] = 23,
     tree: Annotated[
         list[str] | None, typer.Option("--tree", help="trees to serve (repeatable; default: presets)")
     ] = None,
@@ -205,13 +213,29 @@ def bench(
     per_category: Annotated[
         int | None, typer.Option("--per-category", min=1, help="first N prompts of each category")
     ] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option(
+            "--compare", help="another artifact of the same model: its Medusa decoding is timed too"
+        ),
+    ] = None,
 ):
     """Medusa vs plain decoding (same runtime, same artifact) vs transformers generate, interleaved per prompt."""
     from .bench import bench as run
     from .bench import report_lines, summary_line
 
     result = run(
-        folder, prompts, backend, tree, max_new_tokens, limit, runs, hf, out, per_category=per_category
+        folder,
+        prompts,
+        backend,
+        tree,
+        max_new_tokens,
+        limit,
+        runs,
+        hf,
+        out,
+        per_category=per_category,
+        compare=compare,
     )
     for line in report_lines(result):
         typer.echo(line)

@@ -46,7 +46,7 @@ def export_onnx(
     out: Path,
     dtype: str = "fp32",
     max_seq: int = 2048,
-    opset: int = 18,
+    opset: int = 23,
     trees: list[str] | None = None,
     default_tree: str | None = None,
     draft_vocab: int = 0,
@@ -201,11 +201,13 @@ def sample_inputs(inputs, torch_dtype, tokens=3, past=5, rows=2):
 def _trace(graph, inputs, outputs, path: Path, opset: int, torch_dtype) -> None:
     import torch
 
+    from .models.common import fused_onnx_ops
+
     args = sample_inputs(inputs, torch_dtype)
     dims = {}
     for s in inputs:
         dims[s.name] = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(s.shape) if isinstance(d, str)}
-    with torch.no_grad():
+    with torch.no_grad(), fused_onnx_ops(opset >= 23):
         program = torch.onnx.export(
             graph,
             args,

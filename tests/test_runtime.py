@@ -37,6 +37,39 @@ def feeds(art_meta, ids, positions, visible, past, past_len, rows):
     return f
 
 
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])
+def test_fused_opset23_graph_equals_elementary_opset18_graph(tiny_artifact, tmp_path, name):
+    """The default export (opset 23) traces RMSNorm, RoPE and GELU as single nodes; opset 18 spells them out.
+    Both compute the same function: greedy tokens equal, logits within float32 rounding."""
+    import onnx
+
+    from medusa_export.onnx_export import export_onnx
+
+    fused = tiny_artifact(name)
+    plain = export_onnx(name, "random:4", tmp_path / "o18", max_seq=256, opset=18, quiet=True)
+    ops = {
+        p: [n.op_type for n in onnx.load(str(p / "model.onnx"), load_external_data=False).graph.node]
+        for p in (fused, plain)
+    }
+    assert {"RMSNormalization", "RotaryEmbedding"} <= set(ops[fused])
+    assert not {"RMSNormalization", "RotaryEmbedding", "Gelu"} & set(ops[plain])
+    assert len(ops[fused]) < 0.8 * len(ops[plain])
+    meta = json.loads((fused / "artifact.json").read_text())
+    cfg = meta["model"]
+    rng = np.random.default_rng(3)
+    past = [
+        (rng.standard_normal((1, 5, cfg["num_kv_heads"], cfg["head_dim"])).astype(np.float32),) * 2
+    ] * cfg["num_layers"]
+    visible = build_tree([[0], [1], [0, 0]]).attention_mask
+    f = feeds(meta, rng.integers(3, 250, size=4).tolist(), [5, 6, 6, 7], visible, past, 5, [0, 1, 2, 3])
+    outs = []
+    for folder in (fused, plain):
+        sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        outs.append(dict(zip([o.name for o in sess.get_outputs()], sess.run(None, f))))
+    np.testing.assert_allclose(outs[0]["logits"], outs[1]["logits"], atol=2e-4, rtol=1e-4)
+    np.testing.assert_array_equal(outs[0]["next_tokens"], outs[1]["next_tokens"])
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_onnx_matches_pytorch_at_unseen_shapes(tiny_base, tiny_artifact, name):
     """Past 0 and T=1 included; the export traced at batch 2, T=3, past 5, rows 2."""

@@ -27,7 +27,14 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class OrtBackend(Backend):
-    def __init__(self, artifact, device: str = "cpu", max_nodes: int = 64, threads: int | None = None):
+    def __init__(
+        self,
+        artifact,
+        device: str = "cpu",
+        max_nodes: int = 64,
+        threads: int | None = None,
+        profile: str | None = None,  # file prefix: write ONNX Runtime's per-node profile of the model graph
+    ):
         import onnxruntime as ort
 
         self.artifact, self.device = artifact, device
@@ -54,14 +61,22 @@ class OrtBackend(Backend):
             raise MedusaError(
                 "ONNX Runtime's CPU EP has no bf16 kernels: run a bf16 artifact on ort-cuda or trt"
             )
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
+
+        def options(profile_prefix: str | None = None):
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            if threads:
+                opts.intra_op_num_threads = threads
+            if profile_prefix:
+                opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
+            return opts
+
         try:
-            self.session = ort.InferenceSession(str(artifact.path("model")), opts, providers=providers)
+            self.session = ort.InferenceSession(
+                str(artifact.path("model")), options(profile), providers=providers
+            )
             self.commit_session = ort.InferenceSession(
-                str(artifact.path("commit")), opts, providers=providers
+                str(artifact.path("commit")), options(), providers=providers
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise MedusaError(
