@@ -49,8 +49,8 @@ _FUSED = [False]  # set by fused_onnx_ops() while the exporter traces at opset >
 def fused_onnx_ops(enabled: bool):
     """Trace RMSNorm, RoPE (and, through the exporter, GELU) as single ONNX opset-23 nodes.
 
-    Same arithmetic as the eager code below (float32 math on the same roundings), a quarter of the nodes:
-    on ONNX Runtime's CUDA EP a decode step is launch-bound, so nodes are time."""
+    The same float32 math on the same inputs as the eager code below (equal up to float32 rounding), in
+    fewer than half the nodes: on ONNX Runtime's CUDA EP a decode step is launch-bound, so nodes are time."""
     previous, _FUSED[0] = _FUSED[0], enabled
     try:
         yield
