@@ -9,8 +9,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from medusa_runtime.errors import MedusaError
-
 from .fsutil import atomic_file
 
 METHODS = ("medusa", "plain", "hf")
@@ -71,8 +69,8 @@ def bench(
     from medusa_runtime.api import MedusaRuntime
     from medusa_runtime.tree import build_tree
 
-    from .reference import hf_greedy
-    from .validate import read_prompts
+    from .prompts import read_prompts
+    from .reference import GPU_BACKENDS, hf_greedy, reference_model
 
     def timed_runtime(path: Path):
         runtime = MedusaRuntime.open(path, backend=backend, tree=tree)
@@ -87,7 +85,9 @@ def bench(
     )
     meta = medusa.artifact.meta
     rows = read_prompts(prompts, limit, per_category)
-    base = _hf_model(meta, backend) if hf else None
+    # transformers in the artifact's dtype where the runtime runs on the GPU, fp32 on the CPU
+    hf_dtype = meta["dtype"] if backend in GPU_BACKENDS else "fp32"
+    base = reference_model(meta["model"]["name"], hf_dtype, backend) if hf else None
 
     runtimes = {"medusa": medusa, "plain": plain, "compare": other}
 
@@ -207,20 +207,6 @@ def report_lines(result: dict) -> list[str]:
     cats = result["methods"]["medusa"]["accepted_by_category"]
     lines.append("  accepted tokens/step by category: " + ", ".join(f"{c} {a:.2f}" for c, a in cats.items()))
     return lines
-
-
-def _hf_model(meta: dict, backend: str):
-    import torch
-
-    from .models import load_base
-
-    dtype = meta["dtype"]
-    base = load_base(meta["model"]["name"], dtype if backend != "ort-cpu" else "fp32")
-    if backend != "ort-cpu":
-        if not torch.cuda.is_available():
-            raise MedusaError(f"bench on {backend} compares with transformers on CUDA, but torch sees no GPU")
-        base.hf.to("cuda")
-    return base
 
 
 def _plot(result: dict, path: Path) -> None:

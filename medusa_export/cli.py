@@ -100,6 +100,7 @@ def generate(
 
     acceptance = Typical(posterior_threshold, posterior_alpha, temperature) if typical else Greedy()
     if backend == "torch":
+        from .draft_vocab import draft_ids
         from .heads import resolve_heads
         from .models import load_base
         from .models.source import torch_dtype_of
@@ -110,7 +111,10 @@ def generate(
         base = load_base(model, dtype)
         c = base.config
         med = resolve_heads(heads, c.hidden_size, c.vocab_size, dtype=torch_dtype_of(dtype))
-        runtime = torch_runtime(base, med, None if no_medusa else (tree or "tree8"), acceptance=acceptance)
+        drafts = draft_ids(heads, 0, c.vocab_size)  # as the export does, for heads trained on one
+        runtime = torch_runtime(
+            base, med, None if no_medusa else (tree or "tree8"), acceptance=acceptance, draft_ids=drafts
+        )
     else:
         from medusa_runtime.api import MedusaRuntime
 
@@ -165,7 +169,7 @@ def tree_cmd(
     )
 
     from .fsutil import atomic_file
-    from .onnx_export import TREE_DIR
+    from .onnx_export import tree_dirs
 
     if from_accuracy:
         acc = load_rank_accuracy(from_accuracy)
@@ -186,7 +190,7 @@ def tree_cmd(
         return
     if spec is None:
         _fail("give a preset name or JSON file, or --from-accuracy FILE")
-    name, choices = load_choices(spec, [TREE_DIR])
+    name, choices = load_choices(spec, tree_dirs())
     buffers = build_tree(choices)
     if as_json:
         typer.echo(json.dumps({"name": name, **buffers.to_json_dict()}))

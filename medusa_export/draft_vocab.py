@@ -18,8 +18,9 @@ from .fsutil import atomic_file
 FILE = "draft_vocab.json"
 
 
-def write_draft_vocab(folder: Path, sequences: Iterable[list[int]], keep: int = 65536) -> Path:
-    """Count token ids over `sequences`; write the `keep` most frequent (ties by id) to folder/draft_vocab.json."""
+def write_draft_vocab(folder: Path, sequences: Iterable[list[int]], keep: int = 65536) -> list[int]:
+    """Count token ids over `sequences`; write the `keep` most frequent (ties by id) to folder/draft_vocab.json.
+    Returns those ids, most frequent first."""
     counts = Counter()
     for seq in sequences:
         counts.update(seq)
@@ -27,18 +28,21 @@ def write_draft_vocab(folder: Path, sequences: Iterable[list[int]], keep: int = 
     path = Path(folder) / FILE
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps({"ids": [i for i, _ in ranked], "counts": [c for _, c in ranked]}))
-    return path
+    return [i for i, _ in ranked]
 
 
 def draft_ids(heads_spec: str, size: int, vocab_size: int):
-    """The first `size` ids of the heads' draft vocabulary as an int64 tensor, or None for the full vocabulary."""
+    """The first `size` ids of the heads' draft vocabulary as an int64 tensor, or None for the full vocabulary.
+    `size` 0 takes the size the heads were trained on (recorded in their config.json), if any."""
     import torch
 
+    from .heads import CONFIG_FILE, _read_config, heads_path
+
+    folder = Path(heads_path(heads_spec))
+    size = size or int(_read_config(folder / CONFIG_FILE).get("draft_vocab", 0))
     if not size or size >= vocab_size:
         return None
-    from .heads import heads_path
-
-    path = Path(heads_path(heads_spec)) / FILE
+    path = folder / FILE
     if not path.is_file():
         raise MedusaError(
             f"--draft-vocab needs {FILE} next to the heads (written by `medusa-export train`); {path} is missing"

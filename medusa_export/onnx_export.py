@@ -32,12 +32,17 @@ DEFAULT_TREES = (
     "tree8",
     "tree16",
     "mc_sim_7b_63",
-    "gemma3-270m-4",
-    "gemma3-270m-8",
-    "gemma3-270m-16",
-    "gemma3-270m-32",
-    "gemma3-270m-64",
 )
+HEADS_TREES = "trees"  # a heads folder's own presets, built from its accuracy.json (`tree --from-accuracy`)
+
+
+def tree_dirs(heads: str | None = None) -> list[Path]:
+    """Where tree presets are looked up: the heads' own trees first, then configs/trees. Without heads,
+    every shipped heads folder's trees (for `medusa-export tree NAME`)."""
+    from .heads import SHIPPED_HEADS, heads_path
+
+    own = [Path(heads_path(heads)) / HEADS_TREES] if heads else sorted(SHIPPED_HEADS.glob(f"*/{HEADS_TREES}"))
+    return [d for d in own if d.is_dir()] + [TREE_DIR]
 
 
 def export_onnx(
@@ -70,9 +75,9 @@ def export_onnx(
         decoder = explicit_model(base)
         cfg = decoder.cfg
         med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
-        drafts = draft_ids(heads, draft_vocab or _trained_draft_vocab(heads), cfg.vocab_size)
+        drafts = draft_ids(heads, draft_vocab, cfg.vocab_size)
     head_vocab = cfg.vocab_size if drafts is None else len(drafts)
-    served = _served_trees(trees, med.num_heads, model)
+    served = _served_trees(trees, med.num_heads, heads)
     if not served:
         raise MedusaError(f"no tree fits {med.num_heads} heads: give --tree with a shallower tree")
     topk = max(1, max(build_tree(c).topk for c in served.values()))
@@ -129,28 +134,18 @@ def export_onnx(
     return out
 
 
-def _trained_draft_vocab(heads: str) -> int:
-    """Heads trained on a draft vocabulary record its size in config.json: they must be exported with it."""
-    from .heads import heads_path
-
-    config = Path(heads_path(heads)) / "config.json"
-    return json.loads(config.read_text()).get("draft_vocab", 0) if config.is_file() else 0
-
-
 def _ref(spec: str) -> str:
     """A model/heads reference that stays valid from another working directory."""
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
-def _served_trees(names: list[str] | None, num_heads: int, model: str) -> dict[str, list]:
-    """The trees asked for, or the presets that fit the heads (a preset named after a built-in model,
-    e.g. gemma3-270m-8, was built from that model's heads and is served only with it)."""
-    from .models.source import BUILTINS
-
+def _served_trees(names: list[str] | None, num_heads: int, heads: str) -> dict[str, list]:
+    """The trees asked for, or the generic presets plus the heads' own trees, those that fit the heads."""
+    dirs = tree_dirs(heads)
+    own = [p.stem for d in dirs[:-1] for p in sorted(d.glob("*.json"))]
     served = {}
-    defaults = [t for t in DEFAULT_TREES if not any(t.startswith(f"{b}-") and b != model for b in BUILTINS)]
-    for spec in names or defaults:
-        name, choices = load_choices(spec, [TREE_DIR])
+    for spec in names or [*DEFAULT_TREES, *own]:
+        name, choices = load_choices(spec, dirs)
         if build_tree(choices).depth <= num_heads:
             served[name] = choices
         elif names:

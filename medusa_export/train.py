@@ -268,7 +268,7 @@ def run_training(
     heads = scorer.heads
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    per_epoch = len(epoch_batches(train_idx, settings.batch_size, settings.seed, 0))
+    per_epoch = math.ceil(len(train_idx) / settings.batch_size)  # batches per epoch (the last may be short)
     total = per_epoch * settings.epochs
     ckpt_meta = {
         "model": settings.model,
@@ -423,7 +423,7 @@ def train(settings: TrainSettings) -> TrainResult:
     """Make or reuse the data, train (or resume), evaluate on the held-out split, write the heads."""
     import torch
 
-    from .draft_vocab import draft_ids, write_draft_vocab
+    from .draft_vocab import write_draft_vocab
     from .heads import save_heads
     from .models import explicit_model, load_base
 
@@ -439,21 +439,19 @@ def train(settings: TrainSettings) -> TrainResult:
         decoder = explicit_model(base).to(device)
     settings.out.mkdir(parents=True, exist_ok=True)
     data, regenerated = prepare_data(base, settings, device, gen_batch)
-    write_draft_vocab(
+    ranked = write_draft_vocab(
         settings.out, (seq[start:] for seq, start in zip(data.sequences, data.starts, strict=True))
     )
     train_idx, eval_idx = split_groups(data.groups, settings.holdout, settings.seed)
     heads = init_heads(decoder, settings).to(device)
     lm_head = decoder.lm_head_weight().detach()
     remap = None
-    if settings.draft_vocab:
-        ranked = json.loads((settings.out / "draft_vocab.json").read_text())["ids"]
-        ids = draft_ids(str(settings.out), min(settings.draft_vocab, len(ranked)), decoder.cfg.vocab_size)
-        if ids is not None:
-            ids = ids.to(device)
-            remap = torch.full((decoder.cfg.vocab_size,), IGNORE, dtype=torch.long, device=device)
-            remap[ids] = torch.arange(len(ids), device=device)
-            lm_head = lm_head[ids]
+    if 0 < min(settings.draft_vocab, len(ranked)) < decoder.cfg.vocab_size:
+        # the ids just counted (not a lookup by name: --out may spell a shipped heads folder)
+        ids = torch.tensor(ranked[: settings.draft_vocab], dtype=torch.int64, device=device)
+        remap = torch.full((decoder.cfg.vocab_size,), IGNORE, dtype=torch.long, device=device)
+        remap[ids] = torch.arange(len(ids), device=device)
+        lm_head = lm_head[ids]
     scorer = Scorer(
         heads,
         lm_head,
@@ -461,7 +459,7 @@ def train(settings: TrainSettings) -> TrainResult:
         lm_head.dtype,
         remap,
     )
-    pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+    pad = base.pad_token_id
     step, losses, stats = run_training(decoder, scorer, data, train_idx, settings, device, pad)
     with stage(f"evaluating on {len(eval_idx)} held-out sequences", settings.quiet):
         accuracy = evaluate(decoder, scorer, data, eval_idx, settings, device, pad)

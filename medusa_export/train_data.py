@@ -18,6 +18,7 @@ from medusa_runtime.errors import MedusaError
 
 from .fsutil import atomic_file
 from .progress import log, stage
+from .prompts import read_jsonl, row_prompt
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +55,7 @@ class TrainData:
 
 def load_seed_prompts(path: Path = SEEDS_FILE) -> list[str]:
     """The `prompt` of each row of the seeds JSONL file."""
-    rows = _read_jsonl(path)
+    rows = read_jsonl(path)
     prompts = [row.get("prompt") for row in rows]
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise MedusaError(f"{path}: every row needs a non-empty `prompt` string")
@@ -67,10 +68,10 @@ def read_data_file(path: Path) -> tuple[str, list[str]]:
     if not path.is_file():
         raise MedusaError(f"--data file not found: {path}")
     if path.suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
         if rows and all(isinstance(r.get("text"), str) for r in rows):
             return "texts", [r["text"] for r in rows if r["text"].strip()]
-        prompts = [_row_prompt(r) for r in rows]
+        prompts = [row_prompt(r) for r in rows]
         if not prompts or not all(prompts):
             raise MedusaError(
                 f"{path}: each JSONL row needs a `text`, a `prompt` or a non-empty `turns` list"
@@ -84,30 +85,6 @@ def read_data_file(path: Path) -> tuple[str, list[str]]:
     if not docs:
         raise MedusaError(f"--data file {path} holds no text")
     return "texts", docs
-
-
-def _row_prompt(row: dict[str, Any]) -> str | None:
-    prompt = row.get("prompt")
-    if prompt is None and isinstance(row.get("turns"), list) and row["turns"]:
-        prompt = row["turns"][0]
-    return prompt if isinstance(prompt, str) and prompt.strip() else None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise MedusaError(f"file not found: {path}")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as error:
-            raise MedusaError(f"{path}:{number}: not JSON: {error}") from error
-        if not isinstance(row, dict):
-            raise MedusaError(f"{path}:{number}: expected a JSON object")
-        rows.append(row)
-    return rows
 
 
 def text_sequences(tokenizer, docs: list[str], seq_len: int) -> TrainData:
@@ -176,7 +153,7 @@ def generate_batch(
     import torch
     from transformers import LogitsProcessorList
 
-    pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+    pad = base.pad_token_id
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)

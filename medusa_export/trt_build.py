@@ -40,7 +40,7 @@ from medusa_runtime.errors import MedusaError
 from medusa_runtime.tree import build_tree
 
 from .fsutil import atomic_file
-from .progress import stage
+from .progress import log, stage
 
 Range = tuple[int, int, int]  # min, opt, max
 RTX_DEFAULT_CCS = ["8.0", "8.6", "8.9", "12.x"]  # TensorRT-RTX's documented targets when none is set
@@ -311,15 +311,11 @@ def _load_timing_cache(config, flavor: str, path: Path | None, quiet: bool) -> b
     if path is None:
         return False
     if flavor == "tensorrt-rtx":  # timing-cache calls are deprecated no-ops: RTX compiles kernels at run time
-        if not quiet:
-            print(f"[medusa-export] --timing-cache ignored: {flavor} has no timing cache", file=sys.stderr)
+        log(f"--timing-cache ignored: {flavor} has no timing cache", quiet)
         return False
     cache = config.create_timing_cache(Path(path).read_bytes() if Path(path).is_file() else b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
-        print(
-            f"[medusa-export] timing cache {path} is from another device or version: starting afresh",
-            file=sys.stderr,
-        )
+        log(f"timing cache {path} is from another device or version: starting afresh")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     return True
 

@@ -2,44 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from medusa_runtime.errors import MedusaError
-
 # A mismatch is a near-tie when the reference's top-2 logit margin is within this fraction of the
 # top logit's magnitude: the rounding of the runtime's dtype accumulated through the network.
 NEAR_TIE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
-
-
-def read_prompts(path: Path, limit: int | None = None, per_category: int | None = None) -> list[dict]:
-    """JSONL rows with `turns` (first turn used) or `prompt`; returns [{'id','category','prompt'}], the first
-    `limit` rows, or the first `per_category` rows of every category."""
-    path = Path(path)
-    if not path.is_file():
-        raise MedusaError(f"prompts file {path} does not exist")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise MedusaError(f"{path}:{n} is not valid JSON") from None
-        prompt = row.get("prompt") or (row.get("turns") or [None])[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise MedusaError(f"{path}:{n} has neither a 'prompt' string nor a non-empty 'turns' list")
-        category = row.get("category", "all")
-        if per_category and sum(r["category"] == category for r in rows) >= per_category:
-            continue
-        rows.append({"id": row.get("question_id", n), "category": category, "prompt": prompt})
-        if limit and len(rows) >= limit:
-            break
-    if not rows:
-        raise MedusaError(f"{path} holds no prompts")
-    return rows
 
 
 @dataclass
@@ -93,19 +62,16 @@ def validate(
     """Prints one line per prompt and the summary; returns True when the result is acceptable."""
     from medusa_runtime.api import MedusaRuntime
 
-    from .models import load_base
-    from .reference import hf_greedy
+    from .prompts import read_prompts
+    from .reference import hf_greedy, reference_model
 
     runtime = MedusaRuntime.open(folder, backend=backend, tree=tree)
     meta = runtime.artifact.meta
     dtype = meta.get("dtype", "fp32")
     rows = read_prompts(prompts, limit)
-    base = load_base(meta["model"]["name"], "fp32")
-    if backend != "ort-cpu":  # the reference runs where the runtime does (fp32, TF32 off by default)
-        import torch
-
-        if torch.cuda.is_available():
-            base.hf.to("cuda")
+    base = reference_model(
+        meta["model"]["name"], "fp32", backend
+    )  # where the runtime runs; TF32 off by default
     print(
         f"validate: {folder} on {backend} ({dtype}, tree {runtime.tree_name}) vs transformers greedy (fp32), "
         f"{len(rows)} prompts x {max_new_tokens} tokens",

@@ -23,11 +23,12 @@ case "$1" in
     resume=$([ -f "$ART/heads/checkpoint.pt" ] && echo --resume || true)
     cli train gemma3-270m --num-heads 4 --num-layers 1 --device cuda --out "$ART/heads" $resume "${@:2}" 2>&1 \
       | tee -a "$OUT/train.log"
+    mkdir -p "$ART/heads/trees"
     for n in 4 8 16 32 64; do
-      cli tree --from-accuracy "$ART/heads/accuracy.json" --nodes $n --out "configs/trees/gemma3-270m-$n.json"
+      cli tree --from-accuracy "$ART/heads/accuracy.json" --nodes $n --out "$ART/heads/trees/gemma3-270m-$n.json"
     done
-    (cd "$ART/heads" && tar -cf "$OUT/heads.tar" config.json medusa_lm_head.safetensors accuracy.json draft_vocab.json)
-    tar -rf "$OUT/heads.tar" configs/trees/gemma3-270m-*.json ;;
+    (cd "$ART/heads" && tar -cf "$OUT/heads.tar" config.json medusa_lm_head.safetensors accuracy.json \
+      draft_vocab.json trees) ;;
   export)  # bf16 and fp32 at opset 23 (fused RMSNorm/RoPE/GELU), and bf16 at opset 18 to compare against
     for v in bf16:23 fp32:23 bf16:18; do
       cli onnx gemma3-270m --heads "$HEADS" --dtype "${v%:*}" --opset "${v#*:}" --out "$ART/gemma3-270m-${v/:/-o}" \

@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    from medusa_export.validate import read_prompts
+    from medusa_export.prompts import read_prompts
     from medusa_runtime.api import MedusaRuntime
 
     prefix = str(Path(tempfile.mkdtemp()) / "ort")
@@ -42,23 +42,15 @@ def main() -> None:
         args.artifact, backend=args.backend, tree=args.tree, medusa=not args.plain, profile=prefix
     )
     rows = read_prompts(Path(args.prompts), args.limit, None)
-    backend, forward = runtime.backend, runtime.backend.forward
-    calls = [0]
-
-    def counted(*a, **kw):
-        calls[0] += 1
-        return forward(*a, **kw)
-
-    backend.forward = counted
-    runtime.generate(runtime.encode(rows[0]["prompt"])[:32], 8)  # warm-up: profiled too, dropped below
-    warm_runs = calls[0]
+    # warm-up: profiled too, dropped below (one graph run per decode step, the prefill included)
+    warm_runs = len(runtime.generate(runtime.encode(rows[0]["prompt"])[:32], 8).steps)
     steps, wall = 0, 0.0
     for row in rows:
         start = time.perf_counter()
         res = runtime.generate(runtime.encode(row["prompt"]), args.max_new_tokens)
         wall += time.perf_counter() - start
         steps += len(res.steps)
-    events = json.loads(Path(backend.session.end_profiling()).read_text())
+    events = json.loads(Path(runtime.backend.session.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"]
     timed_runs = runs[warm_runs:]
     first_ts = timed_runs[0]["ts"] if timed_runs else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
@@ -70,7 +71,7 @@ def acceptance_kinds(steps, tree) -> set[str]:
 def oracle_check(runtime, base, prompts, max_new_tokens, seed=0):
     """Runs Medusa with oracle drafts on each prompt; asserts equality with transformers' greedy output.
     Returns (acceptance kinds seen, mean accepted tokens per step)."""
-    from medusa_export.reference import OracleDrafter, hf_greedy
+    from medusa_export.reference import hf_greedy
 
     kinds, accepted = set(), []
     for i, prompt in enumerate(prompts):
@@ -82,3 +83,36 @@ def oracle_check(runtime, base, prompts, max_new_tokens, seed=0):
         kinds |= acceptance_kinds(res.steps, runtime.tree)
         accepted.append(res.mean_accepted)
     return kinds, sum(accepted) / len(accepted)
+
+
+class OracleDrafter:
+    """Drafts from a known future: head k proposes the true token k+2 ahead of the context at a rank drawn
+    from a seeded schedule (rank 0 most often, sometimes rank 1 or 2, sometimes not at all), with distinct
+    wrong tokens in the other slots. Greedy acceptance must still give exactly the base greedy output."""
+
+    def __init__(
+        self,
+        prompt_len: int,
+        future: list[int],
+        vocab: int,
+        seed: int = 0,
+        rank_probs=(0.6, 0.15, 0.05),
+    ):
+        self.prompt_len, self.future, self.vocab, self.seed = prompt_len, future, vocab, seed
+        self.rank_probs = rank_probs
+
+    def __call__(self, context: list[int], heads_topk: np.ndarray) -> np.ndarray:
+        k_heads, topk = heads_topk.shape
+        done = len(context) - self.prompt_len  # generated tokens so far; the root is future[done - 1]
+        rng = np.random.default_rng([self.seed, done])
+        draft = np.empty((k_heads, topk), dtype=np.int64)
+        for k in range(k_heads):
+            pos = done + k
+            truth = self.future[pos] if pos < len(self.future) else -1
+            wrong = rng.choice(self.vocab - 1, size=topk, replace=False)
+            wrong = np.where(wrong >= truth, wrong + 1, wrong) if truth >= 0 else wrong  # never the truth
+            draft[k] = wrong
+            r = rng.choice(len(self.rank_probs) + 1, p=[*self.rank_probs, 1 - sum(self.rank_probs)])
+            if truth >= 0 and r < min(len(self.rank_probs), topk):
+                draft[k, r] = truth
+        return draft

@@ -287,3 +287,19 @@ def test_tree_from_accuracy_beats_any_tree_of_same_size(acc: list[list[float]], 
     other = data.draw(prefix_closed_choices(max_depth=len(acc), max_rank=len(acc[0]) - 1))
     greedy = tree_from_accuracy(acc, len(other) + 1)
     assert expected_accept_length(greedy, acc) >= expected_accept_length(other, acc) - 1e-12
+
+
+def test_a_heads_folders_own_trees_are_served_with_those_heads_only(tmp_path):
+    """Trees built from a heads folder's accuracy live in its trees/ and are served whenever those heads
+    are exported (found by name too); other heads get the generic presets only."""
+    from medusa_export.onnx_export import DEFAULT_TREES, _served_trees, tree_dirs
+
+    heads = tmp_path / "my-heads"
+    (heads / "trees").mkdir(parents=True)
+    (heads / "trees" / "mine-3.json").write_text(json.dumps({"choices": [[0], [1]]}))
+    served = _served_trees(None, 4, str(heads))
+    assert list(served) == [*DEFAULT_TREES, "mine-3"] and served["mine-3"] == [(0,), (1,)]
+    assert list(_served_trees(None, 4, "random:4")) == list(DEFAULT_TREES)
+    assert "gemma3-270m-64" in _served_trees(None, 4, "gemma3-270m-medusa")  # the shipped heads' own
+    assert list(_served_trees(["mine-3"], 4, str(heads))) == ["mine-3"]
+    assert tree_dirs(str(heads))[0] == heads / "trees"

@@ -63,21 +63,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     xf = x.float()
     if offset or x.dtype == torch.float32:
         return _normalize(xf, (offset + weight.float()) if offset else weight.float(), eps).to(x.dtype)
-    return weight * _normalize(xf, torch.ones_like(weight, dtype=torch.float32), eps).to(x.dtype)
+    return weight * _normalize(xf, None, eps).to(x.dtype)
 
 
-def _normalize(xf: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def _normalize(xf: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """xf / rms(xf) [* scale], float32."""
     if _FUSED[0]:
+        scale = torch.ones(xf.shape[-1], dtype=torch.float32) if scale is None else scale
         attrs = {"axis": -1, "epsilon": float(eps), "stash_type": 1}
         return torch.onnx.ops.symbolic(
             "RMSNormalization", (xf, scale), attrs, dtype=torch.float32, shape=xf.shape, version=23
         )
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return normed if scale is None else normed * scale
 
 
 def rope(position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype) -> tuple[torch.Tensor, ...]:
-    """cos, sin [B, T, D/2] for explicit (tree) positions: float32 values rounded to the model dtype."""
+    """cos, sin for explicit (tree) positions, float32 values rounded to the model dtype: [B, T, 1, D]
+    (both halves, broadcast over heads), or [B, T, D/2] as opset-23 RotaryEmbedding takes them."""
     freqs = position_ids[..., None].float() * inv_freq.float()  # [B, T, D/2]
+    if not _FUSED[0]:
+        freqs = torch.cat((freqs, freqs), dim=-1)[:, :, None]
     return (freqs.cos() * scale).to(dtype).float(), (freqs.sin() * scale).to(dtype).float()
 
 
@@ -88,7 +94,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if _FUSED[0]:
         flat = torch.onnx.ops.rotary_embedding(xf.reshape(b, t, h * d), cos, sin, num_heads=h)
         return flat.reshape(b, t, h, d).to(x.dtype)
-    cos, sin = torch.cat((cos, cos), dim=-1)[:, :, None], torch.cat((sin, sin), dim=-1)[:, :, None]
     rotated = torch.cat((-xf[..., d // 2 :], xf[..., : d // 2]), dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
 

@@ -35,6 +35,12 @@ class BaseModel:
     def config(self):
         return self.hf.config
 
+    @property
+    def pad_token_id(self) -> int:
+        """The padding id for batched generation (0 where the model defines none)."""
+        pad = self.hf.config.pad_token_id
+        return pad if pad is not None else 0
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MEDUSA_EXPORT_CACHE", Path.home() / ".cache" / "medusa-export"))

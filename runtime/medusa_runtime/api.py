@@ -112,7 +112,7 @@ class MedusaRuntime:
     def stream(self, prompt: str, max_new_tokens: int = 128, stop: list[str] | tuple = ()) -> Iterator[str]:
         """Yields text as tokens are accepted; stops at EOS, max_new_tokens or a stop string (not yielded)."""
         ids: list[int] = []
-        sent = ""
+        sent = text = ""
         self.last_stats = (0, 0)  # (tokens, steps) of the latest stream, for callers that report speed
         for step in self.steps(self.encode(prompt), max_new_tokens):
             ids += step.tokens
@@ -127,8 +127,7 @@ class MedusaRuntime:
             if safe > len(sent):
                 yield text[len(sent) : safe]
                 sent = text[:safe]
-        text = self.tokenizer.decode(ids)
-        if len(text) > len(sent):
+        if len(text) > len(sent):  # what was held back, now that nothing follows
             yield text[len(sent) :]
 
     def generate(

@@ -15,6 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FLOAT32, INT64 = "float32", "int64"
+# bytes per element of the dtype names used across the contract and the backends' bindings
+ITEMSIZE = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 
 
 @dataclass(frozen=True)

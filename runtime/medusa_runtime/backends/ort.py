@@ -23,7 +23,6 @@ _ORT_TYPES = {
     "tensor(int64)": "int64",
 }
 LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class OrtBackend(Backend):
@@ -43,7 +42,7 @@ class OrtBackend(Backend):
         self.kv_dtype = next(s["dtype"] for s in artifact.io("inputs") if s["name"].startswith("past_"))
         self.capacity = artifact.max_seq
         self.sliding = m["sliding_window"] is not None
-        self.row_bytes = kv_heads * head_dim * _ITEMSIZE[self.kv_dtype]
+        self.row_bytes = kv_heads * head_dim * contract.ITEMSIZE[self.kv_dtype]
         self.kv_tail = (kv_heads, head_dim)
 
         providers = ["CPUExecutionProvider"]

@@ -18,6 +18,7 @@ ctypes); tensorrt / tensorrt_rtx are imported inside the functions that need the
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,16 +41,6 @@ TRT_DTYPES = {
     "INT8": "int8",
     "UINT8": "uint8",
     "BOOL": "bool",
-}
-ITEMSIZE = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
 }
 KV_PREFIXES = ("past_", "present_", "kept_")
 _NOISE = ("has Int64 binding", "Thread context has not been set")
@@ -179,7 +170,7 @@ class Binding:
 
 
 def nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
+    return math.prod(shape) * contract.ITEMSIZE[dtype]
 
 
 def concrete_shape(shape: list, sizes: dict[str, int]) -> tuple[int, ...]:

@@ -1,0 +1,58 @@
+"""Prompt and text files: JSONL rows (`prompt`, or the first of `turns` as in Spec-Bench) for validate, bench
+and training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from medusa_runtime.errors import MedusaError
+
+
+def row_prompt(row: dict[str, Any]) -> str | None:
+    """A row's `prompt`, else the first of its `turns`; None when neither is a non-empty string."""
+    prompt = row.get("prompt")
+    if prompt is None and isinstance(row.get("turns"), list) and row["turns"]:
+        prompt = row["turns"][0]
+    return prompt if isinstance(prompt, str) and prompt.strip() else None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file (blank lines skipped), with a one-line error for a bad line."""
+    if not path.is_file():
+        raise MedusaError(f"file not found: {path}")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise MedusaError(f"{path}:{number}: not JSON: {error}") from error
+        if not isinstance(row, dict):
+            raise MedusaError(f"{path}:{number}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def read_prompts(path: Path, limit: int | None = None, per_category: int | None = None) -> list[dict]:
+    """[{'id', 'category', 'prompt'}] from a JSONL file of `prompt` or `turns` rows: the first `limit`
+    rows, or the first `per_category` rows of every category."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedusaError(f"prompts file {path} does not exist")
+    rows = []
+    for n, row in enumerate(read_jsonl(path), 1):
+        prompt = row_prompt(row)
+        if prompt is None:
+            raise MedusaError(f"{path}: row {n} has neither a 'prompt' string nor a non-empty 'turns' list")
+        category = row.get("category", "all")
+        if per_category and sum(r["category"] == category for r in rows) >= per_category:
+            continue
+        rows.append({"id": row.get("question_id", n), "category": category, "prompt": prompt})
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise MedusaError(f"{path} holds no prompts")
+    return rows
