@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY ?= .venv/bin/python
 CLI := .venv/bin/medusa-export
-PROMPTS ?= ../shared/data/specbench_dev.jsonl
+PROMPTS ?= data/specbench_dev.jsonl
 ART ?= artifacts
 HEADS ?= gemma3-270m-medusa
 # on the CPU the heads project onto the 4,096 most frequent tokens of their training text (98.3% of it)

@@ -6,7 +6,7 @@ set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD:$PWD/runtime HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 ART=${ART:-/tmp/art}
-PROMPTS=${PROMPTS:-.device/data/specbench_dev.jsonl}
+PROMPTS=${PROMPTS:-data/specbench_dev.jsonl}
 TREE=${TREE:-gemma3-270m-64}
 # the heads trained by `train` on this host when there are some, else the shipped ones
 HEADS=${HEADS:-$([ -f "$ART/heads/config.json" ] && echo "$ART/heads" || echo gemma3-270m-medusa)}

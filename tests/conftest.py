@@ -10,7 +10,7 @@ import pytest
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
 ROOT = Path(__file__).resolve().parent.parent
-SPECBENCH = ROOT.parent / "shared" / "data" / "specbench_dev.jsonl"
+SPECBENCH = ROOT / "data" / "specbench_dev.jsonl"
 # prompts long enough to cross tiny-gemma3's sliding window of 8 (byte tokens)
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog, then",

@@ -117,7 +117,6 @@ def test_seed_prompts_are_many_varied_and_unique():
     assert len({row["category"] for row in rows}) >= 10
 
 
-@pytest.mark.skipif(not SPECBENCH.is_file(), reason="Spec-Bench file not present")
 def test_seed_prompts_are_not_benchmark_prompts():
     def words(text: str) -> list[str]:
         return text.lower().split()
