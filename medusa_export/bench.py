@@ -1,5 +1,7 @@
 """`medusa-export bench`: Medusa vs plain decoding on the same runtime and artifact vs transformers
-`generate`, interleaved per prompt in one process after a warm-up, with the outputs checked equal."""
+`generate`, interleaved per prompt in one process after a warm-up, with the outputs checked equal.
+With `lookup` (a hybrid tree: the heads' tree + prompt-lookup chains) the heads-only tree is timed too,
+and accepted tokens are counted per source (heads / lookup) and per category."""
 
 from __future__ import annotations
 
@@ -12,7 +14,14 @@ from pathlib import Path
 from .fsutil import atomic_file
 
 METHODS = ("medusa", "plain", "hf")
-COLORS = {"medusa": "tab:green", "plain": "tab:blue", "hf": "tab:gray", "compare": "tab:olive"}
+COLORS = {
+    "medusa": "tab:green",
+    "plain": "tab:blue",
+    "hf": "tab:gray",
+    "heads": "tab:cyan",
+    "compare": "tab:olive",
+}
+SOURCES = ("heads", "lookup")
 
 
 class TimedBackend:
@@ -63,17 +72,20 @@ def bench(
     quiet: bool = False,
     per_category: int | None = None,
     compare: Path | None = None,
+    lookup: int | str | None = None,
 ) -> dict:
     from tqdm import tqdm
 
     from medusa_runtime.api import MedusaRuntime
+    from medusa_runtime.decode import accepted_by_source
+    from medusa_runtime.lookup import parse_lookup
     from medusa_runtime.tree import build_tree
 
     from .prompts import read_prompts
     from .reference import GPU_BACKENDS, hf_greedy, reference_model
 
     def timed_runtime(path: Path):
-        runtime = MedusaRuntime.open(path, backend=backend, tree=tree)
+        runtime = MedusaRuntime.open(path, backend=backend, tree=tree, lookup=lookup)
         runtime.backend = TimedBackend(runtime.backend)
         return runtime
 
@@ -83,26 +95,41 @@ def bench(
     plain = MedusaRuntime(
         medusa.backend, medusa.tokenizer, build_tree([]), medusa.eos, medusa.window, tree_name="plain"
     )
+    chains, length = parse_lookup(lookup)
+    # with lookup chains: the same tree without them, on the same backend, to see what the lookup adds
+    heads = None
+    if chains:
+        heads_name, heads_tree = medusa.artifact.tree(tree)
+        heads = MedusaRuntime(
+            medusa.backend, medusa.tokenizer, heads_tree, medusa.eos, medusa.window, tree_name=heads_name
+        )
     meta = medusa.artifact.meta
     rows = read_prompts(prompts, limit, per_category)
     # transformers in the artifact's dtype where the runtime runs on the GPU, fp32 on the CPU
     hf_dtype = meta["dtype"] if backend in GPU_BACKENDS else "fp32"
     base = reference_model(meta["model"]["name"], hf_dtype, backend) if hf else None
 
-    runtimes = {"medusa": medusa, "plain": plain, "compare": other}
+    runtimes = {"medusa": medusa, "plain": plain, "heads": heads, "compare": other}
 
-    def run(method: str, ids: list[int]) -> tuple[list[int], float, float, float]:
-        """tokens, seconds, device seconds, mean accepted"""
+    def run(method: str, ids: list[int]) -> tuple[list[int], float, float, float, dict]:
+        """tokens, seconds, device seconds, mean accepted, accepted tokens per verify step by source"""
         start = time.perf_counter()
         if method == "hf":
             tokens = hf_greedy(base, ids, max_new_tokens, scores=False).tokens
-            return tokens, time.perf_counter() - start, 0.0, 1.0
+            return tokens, time.perf_counter() - start, 0.0, 1.0, {}
         runtime = runtimes[method]
         runtime.backend.device_s = 0.0
         res = runtime.generate(ids, max_new_tokens)
-        return res.token_ids, time.perf_counter() - start, runtime.backend.device_s, res.mean_accepted or 1.0
+        seconds = time.perf_counter() - start
+        counts, verify_steps = accepted_by_source(res.steps), max(len(res.steps) - 1, 1)
+        by_source = {s: counts[s] / verify_steps for s in SOURCES}
+        return res.token_ids, seconds, runtime.backend.device_s, res.mean_accepted or 1.0, by_source
 
-    methods = [m for m in METHODS if m != "hf" or base is not None] + (["compare"] if other else [])
+    methods = (
+        [m for m in METHODS if m != "hf" or base is not None]
+        + (["heads"] if chains else [])
+        + (["compare"] if other else [])
+    )
     warm = medusa.encode(rows[0]["prompt"])
     for m in methods:  # warm-up: session initialisation, allocator growth, cuBLAS handles
         run(m, warm[:32])
@@ -116,7 +143,7 @@ def bench(
         for r in range(runs):
             order = methods[(i + r) % len(methods) :] + methods[: (i + r) % len(methods)]  # interleave
             for m in order:
-                tokens, secs, dev, acc = run(m, ids)
+                tokens, secs, dev, acc, by_source = run(m, ids)
                 outputs[m] = tokens
                 samples[m].append(
                     {
@@ -124,6 +151,7 @@ def bench(
                         "device_s": dev,
                         "seconds": secs,
                         "accepted": acc,
+                        "by_source": by_source,
                         "tokens": len(tokens),
                         "category": row["category"],
                     }
@@ -147,6 +175,7 @@ def bench(
         "dtype": meta["dtype"],
         "tree": medusa.tree_name,
         "tree_nodes": medusa.tree.num_nodes,
+        "lookup": {"chains": chains, "length": length},
         **({"compare": str(compare)} if compare else {}),
         "max_new_tokens": max_new_tokens,
         "prompts": len(rows),
@@ -162,16 +191,14 @@ def bench(
         if m != "hf":
             entry["device_fraction"] = device / total
             entry["host_fraction"] = 1 - device / total
-        if m in ("medusa", "compare"):
-            by_cat = defaultdict(list)
-            for x in s:
-                by_cat[x["category"]].append(x["accepted"])
-            entry["accepted"] = statistics.fmean(x["accepted"] for x in s)
-            entry["accepted_by_category"] = {c: statistics.fmean(v) for c, v in sorted(by_cat.items())}
+        if m in ("medusa", "heads", "compare"):
+            entry.update(_acceptance(s))
         result["methods"][m] = entry
     result["per_prompt"] = per_prompt
     tok = {m: result["methods"][m]["tok_s"]["median"] for m in methods}
     result["speedup"] = tok["medusa"] / tok["plain"]
+    if chains:
+        result["speedup_vs_heads"] = tok["medusa"] / tok["heads"]
     if out:
         with atomic_file(Path(out)) as tmp:
             tmp.write_text(json.dumps(result, indent=1))
@@ -179,13 +206,40 @@ def bench(
     return result
 
 
+def _acceptance(samples: list[dict]) -> dict:
+    """Mean accepted tokens/step over prompts: overall, by source, by category, by category and source.
+    `accepted` = 1 (the base model's own token) + the accepted candidates of each source."""
+    by_cat = defaultdict(list)
+    for x in samples:
+        by_cat[x["category"]].append(x)
+
+    def sources(xs: list[dict]) -> dict:
+        return {src: statistics.fmean(x["by_source"][src] for x in xs) for src in SOURCES}
+
+    return {
+        "accepted": statistics.fmean(x["accepted"] for x in samples),
+        "accepted_by_source": sources(samples),
+        "accepted_by_category": {
+            c: statistics.fmean(x["accepted"] for x in xs) for c, xs in sorted(by_cat.items())
+        },
+        "accepted_by_category_source": {c: sources(xs) for c, xs in sorted(by_cat.items())},
+    }
+
+
 def summary_line(result: dict) -> str:
     m = result["methods"]
     hf = f"{m['hf']['tok_s']['median']:.1f}" if "hf" in m else "n/a"
-    return (
+    line = (
         f"bench: medusa {m['medusa']['tok_s']['median']:.1f} tok/s, plain {m['plain']['tok_s']['median']:.1f} tok/s, "
         f"hf {hf} tok/s, speedup {result['speedup']:.2f}x, accepted {m['medusa']['accepted']:.2f} tokens/step"
     )
+    if "heads" in m:
+        src = m["medusa"]["accepted_by_source"]
+        line += (
+            f" (heads {src['heads']:.2f} + lookup {src['lookup']:.2f}); heads-only tree "
+            f"{m['heads']['tok_s']['median']:.1f} tok/s, accepted {m['heads']['accepted']:.2f}"
+        )
+    return line
 
 
 def report_lines(result: dict) -> list[str]:
@@ -204,8 +258,23 @@ def report_lines(result: dict) -> list[str]:
         lines.append(
             f"  {name:7s} median {t['median']:.1f} tok/s (p25 {t['p25']:.1f}, p75 {t['p75']:.1f}){split}"
         )
-    cats = result["methods"]["medusa"]["accepted_by_category"]
-    lines.append("  accepted tokens/step by category: " + ", ".join(f"{c} {a:.2f}" for c, a in cats.items()))
+    medusa = result["methods"]["medusa"]
+    cats = medusa["accepted_by_category"]
+    if "heads" not in result["methods"]:
+        lines.append(
+            "  accepted tokens/step by category: " + ", ".join(f"{c} {a:.2f}" for c, a in cats.items())
+        )
+        return lines
+    heads = result["methods"]["heads"]["accepted_by_category"]
+    src = medusa["accepted_by_source"]
+    lines.append(
+        f"  accepted tokens/step {medusa['accepted']:.2f} = 1 + heads {src['heads']:.2f} + lookup "
+        f"{src['lookup']:.2f}; heads-only tree {result['methods']['heads']['accepted']:.2f}"
+    )
+    lines.append("  accepted tokens/step by category (with lookup = 1 + heads + lookup | heads-only tree):")
+    for c, a in cats.items():
+        cs = medusa["accepted_by_category_source"][c]
+        lines.append(f"    {c:15s} {a:.2f} = 1 + {cs['heads']:.2f} + {cs['lookup']:.2f} | {heads[c]:.2f}")
     return lines
 
 
@@ -225,10 +294,17 @@ def _plot(result: dict, path: Path) -> None:
     a.bar(names, med, yerr=err, capsize=4, color=[COLORS[n] for n in names])
     a.set_ylabel("tokens/s (median, p25-p75)")
     a.set_title(f"{result['backend']} {result['dtype']}, tree {result['tree']}")
-    cats = result["methods"]["medusa"]["accepted_by_category"]
-    b.barh(list(cats), list(cats.values()), color="tab:green")
+    by_source = result["methods"]["medusa"]["accepted_by_category_source"]
+    cats = list(by_source)
+    left = [1.0] * len(cats)
+    b.barh(cats, left, color="tab:gray", label="base token")
+    for src, color in zip(SOURCES, ("tab:green", "tab:orange")):
+        widths = [by_source[c][src] for c in cats]
+        b.barh(cats, widths, left=left, color=color, label=src)
+        left = [x + w for x, w in zip(left, widths)]
     b.set_xlabel("accepted tokens / step")
-    b.set_title("Medusa acceptance by category")
+    b.set_title("Medusa acceptance by category and source")
+    b.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -27,7 +27,16 @@ Tree = Annotated[
     str | None, typer.Option("--tree", help="tree preset name or JSON file (default: the artifact's)")
 ]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")]
+Lookup = Annotated[
+    str | None,
+    typer.Option(
+        "--lookup",
+        help="add prompt-lookup candidates to the tree: L (one chain of L tokens copied from the context) or KxL",
+    ),
+]
 Backend = Annotated[str, typer.Option("--backend", help="torch | ort-cpu | ort-cuda | trt")]
+RuntimeBackend = Annotated[str, typer.Option("--backend", help="ort-cpu | ort-cuda | trt")]
+Force = Annotated[bool, typer.Option("--force", help="replace an existing output of this command")]
 Prompts = Annotated[Path, typer.Option("--prompts", help="JSONL file: first of `turns`, or `prompt`")]
 Limit = Annotated[int | None, typer.Option("--limit", min=1, help="use only the first N prompts")]
 
@@ -35,6 +44,15 @@ Limit = Annotated[int | None, typer.Option("--limit", min=1, help="use only the 
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
+
+
+def _text_arg(option: str, value: str) -> str:
+    """Command-line text must be valid Unicode (undecodable bytes arrive as lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MedusaError(f"{option} is not valid UTF-8 text") from None
+    return value
 
 
 @app.command()
@@ -65,11 +83,46 @@ def onnx(
             "--draft-vocab", min=0, help="heads project onto the N most frequent tokens (0: full vocab)"
         ),
     ] = 0,
+    force: Force = False,
+    weights: Annotated[
+        str,
+        typer.Option(
+            "--weights",
+            help="fp: the dtype's weights; int4|int8: block-quantized MatMulNBits (from a GGUF: its own blocks)",
+        ),
+    ] = "fp",
+    default_tree_cpu: Annotated[
+        str | None, typer.Option("--default-tree-cpu", help="default tree on CPU backends")
+    ] = None,
+    default_tree_gpu: Annotated[
+        str | None, typer.Option("--default-tree-gpu", help="default tree on GPU backends")
+    ] = None,
+    gpu_step: Annotated[
+        bool,
+        typer.Option(
+            "--gpu-step",
+            help="also step.onnx: the fused, CUDA-graph-capturable step (backend ort-cuda-graph)",
+        ),
+    ] = False,
 ):
     """Trace base model + Medusa heads into ONNX (+ sidecar, tokenizer) with tree-mask and tree-position inputs."""
     from .onnx_export import export_onnx
 
-    path = export_onnx(model, heads, out, dtype, max_seq, opset, tree, default_tree, draft_vocab)
+    path = export_onnx(
+        model,
+        heads,
+        out,
+        dtype,
+        max_seq,
+        opset,
+        tree,
+        default_tree,
+        draft_vocab,
+        force=force,
+        weights=weights,
+        default_trees={"cpu": default_tree_cpu, "gpu": default_tree_gpu},
+        gpu_step=gpu_step,
+    )
     typer.echo(f"wrote {path}")
 
 
@@ -92,13 +145,20 @@ def generate(
     posterior_alpha: Annotated[float, typer.Option("--posterior-alpha")] = 0.3,
     temperature: Annotated[float, typer.Option("--temperature", help="typical acceptance only")] = 0.7,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="stop string (repeatable)")] = None,
+    lookup: Lookup = None,
 ):
     """Stream a completion, then tokens/s and mean accepted tokens per step."""
     import time
 
     from medusa_runtime.acceptance import Greedy, Typical
 
+    prompt = _text_arg("--prompt", prompt)
+    stop = [_text_arg("--stop", s) for s in stop or ()]
     acceptance = Typical(posterior_threshold, posterior_alpha, temperature) if typical else Greedy()
+    if heads and backend != "torch":
+        _fail(
+            f"--heads applies to --backend torch only: the {backend} backend runs the heads in the artifact"
+        )
     if backend == "torch":
         from .draft_vocab import draft_ids
         from .heads import resolve_heads
@@ -113,24 +173,28 @@ def generate(
         med = resolve_heads(heads, c.hidden_size, c.vocab_size, dtype=torch_dtype_of(dtype))
         drafts = draft_ids(heads, 0, c.vocab_size)  # as the export does, for heads trained on one
         runtime = torch_runtime(
-            base, med, None if no_medusa else (tree or "tree8"), acceptance=acceptance, draft_ids=drafts
+            base,
+            med,
+            None if no_medusa else (tree or "tree8"),
+            acceptance=acceptance,
+            draft_ids=drafts,
+            lookup=lookup,
         )
     else:
         from medusa_runtime.api import MedusaRuntime
 
         runtime = MedusaRuntime.open(
-            model, backend=backend, tree=tree, medusa=not no_medusa, acceptance=acceptance
+            model, backend=backend, tree=tree, medusa=not no_medusa, acceptance=acceptance, lookup=lookup
         )
     start = time.perf_counter()
-    for piece in runtime.stream(prompt, max_new_tokens, stop or ()):
+    pieces = runtime.stream(prompt, max_new_tokens, stop)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
-    n_tokens, steps = runtime.last_stats
     seconds = time.perf_counter() - start
-    accepted = (n_tokens - 1) / (steps - 1) if steps > 1 else 0.0
     typer.echo(
-        f"\n[{backend}, tree {runtime.tree_name}] {n_tokens} tokens in {seconds:.2f}s: "
-        f"{n_tokens / seconds:.1f} tokens/s, mean accepted {accepted:.2f} tokens/step",
+        f"\n[{backend}, tree {runtime.tree_name}] {pieces.num_tokens} tokens in {seconds:.2f}s: "
+        f"{pieces.num_tokens / seconds:.1f} tokens/s, mean accepted {pieces.mean_accepted:.2f} tokens/step",
         err=True,
     )
 
@@ -139,15 +203,24 @@ def generate(
 def validate(
     folder: Annotated[Path, typer.Argument(help="artifact folder")],
     prompts: Prompts,
-    backend: Backend = "ort-cpu",
+    backend: RuntimeBackend = "ort-cpu",
     max_new_tokens: MaxNew = 64,
     limit: Limit = None,
     tree: Tree = None,
+    lookup: Lookup = None,
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference",
+            help="auto | plain (the same artifact's plain greedy decoding) | transformers (fp32 greedy); "
+            "auto: plain + a transformers agreement rate for quantized artifacts, transformers otherwise",
+        ),
+    ] = "auto",
 ):
-    """Compare the runtime with transformers' greedy decoding, token for token."""
+    """Compare the runtime with transformers' greedy decoding (or the artifact's own plain decoding), token for token."""
     from .validate import validate as run
 
-    if not run(folder, prompts, backend, max_new_tokens, limit, tree):
+    if not run(folder, prompts, backend, max_new_tokens, limit, tree, lookup=lookup, reference=reference):
         raise typer.Exit(1)
 
 
@@ -158,6 +231,7 @@ def tree_cmd(
     from_accuracy: Annotated[Path | None, typer.Option("--from-accuracy", help="head accuracy JSON")] = None,
     nodes: Annotated[int, typer.Option("--nodes", min=1, help="node budget, root included")] = 16,
     out: Annotated[Path | None, typer.Option("--out", help="write the built tree here")] = None,
+    force: Force = False,
 ):
     """Show a tree's buffers, or build one from measured head accuracies (Medusa's greedy construction)."""
     from medusa_runtime.tree import (
@@ -168,9 +242,11 @@ def tree_cmd(
         tree_from_accuracy,
     )
 
-    from .fsutil import atomic_file
+    from .fsutil import atomic_file, check_out_file
     from .onnx_export import tree_dirs
 
+    if out:
+        check_out_file(out, force)
     if from_accuracy:
         acc = load_rank_accuracy(from_accuracy)
         choices = tree_from_accuracy(acc, nodes)
@@ -205,7 +281,7 @@ def tree_cmd(
 def bench(
     folder: Annotated[Path, typer.Argument(help="artifact folder")],
     prompts: Prompts,
-    backend: Backend = "ort-cpu",
+    backend: RuntimeBackend = "ort-cpu",
     tree: Tree = None,
     max_new_tokens: MaxNew = 128,
     limit: Limit = None,
@@ -223,10 +299,17 @@ def bench(
             "--compare", help="another artifact of the same model: its Medusa decoding is timed too"
         ),
     ] = None,
+    force: Force = False,
+    lookup: Lookup = None,
 ):
     """Medusa vs plain decoding (same runtime, same artifact) vs transformers generate, interleaved per prompt."""
     from .bench import bench as run
     from .bench import report_lines, summary_line
+    from .fsutil import check_out_file
+
+    if out:  # before the run: a bad path must not discard finished results
+        check_out_file(out, force)
+        check_out_file(out.with_suffix(".png"), force)
 
     result = run(
         folder,
@@ -240,6 +323,7 @@ def bench(
         out,
         per_category=per_category,
         compare=compare,
+        lookup=lookup,
     )
     for line in report_lines(result):
         typer.echo(line)
@@ -255,6 +339,7 @@ def _register_lazy_commands() -> None:
 
     app.command("trt")(trt_command)
     app.command("train")(train_command)
+    app.command("serve")(__import__("medusa_export.serve_cmd", fromlist=["serve_command"]).serve_command)
 
 
 _register_lazy_commands()

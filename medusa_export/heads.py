@@ -219,6 +219,13 @@ def resolve_heads(
     return load_heads(spec, hidden_size, vocab_size, dtype)
 
 
+def check_finite(heads: MedusaHeads, spec: str) -> None:
+    """Refuse heads with NaN or Inf weights (they would export and run, producing garbage drafts)."""
+    bad = [name for name, p in heads.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise MedusaError(f"Medusa heads {spec}: {len(bad)} tensor(s) hold NaN or Inf, first {bad[0]}")
+
+
 def _write_checkpoint(
     folder: Path, config: dict[str, object], state: dict[str, torch.Tensor], fmt: str
 ) -> None:

@@ -16,12 +16,13 @@ from pathlib import Path
 from medusa_runtime import contract
 from medusa_runtime.artifact import SIDECAR, Artifact
 from medusa_runtime.errors import MedusaError
+from medusa_runtime.integrity import file_checksums
 from medusa_runtime.tree import build_tree, load_choices
 
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, check_out_dir
 from .progress import stage
 
-ONNX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ONNX_DTYPES = contract.DTYPES
 TREE_DIR = Path(__file__).resolve().parent.parent / "configs" / "trees"
 DEFAULT_TREES = (
     "chain1",
@@ -56,12 +57,22 @@ def export_onnx(
     default_tree: str | None = None,
     draft_vocab: int = 0,
     quiet: bool = False,
+    force: bool = False,
+    gpu_step: bool = False,
+    weights: str = "fp",
+    default_trees: dict[str, str] | None = None,
 ) -> Path:
-    """Export MODEL + HEADS to the artifact folder `out` (written atomically). Returns `out`."""
+    """Export MODEL + HEADS to the artifact folder `out` (written atomically). Returns `out`.
+
+    `out` must be new, empty, or (with `force`) an earlier artifact; it may not overlap the inputs.
+    `gpu_step`: also the fused step graph step.onnx (medusa_export.step_graph; needs opset 23).
+    `weights`: fp (the dtype's own weights) or int4/int8 block-quantized MatMuls (medusa_export.quantize).
+    `default_trees`: the default tree per device class ({"cpu": ..., "gpu": ...}; either defaults to
+    `default_tree`)."""
 
     from .draft_vocab import draft_ids
     from .graph import MedusaGraph
-    from .heads import resolve_heads
+    from .heads import check_finite, heads_path, resolve_heads
     from .models import explicit_model, load_base
     from .models.source import torch_dtype_of
 
@@ -69,12 +80,13 @@ def export_onnx(
         raise MedusaError(f"unknown dtype {dtype!r}: use one of {', '.join(ONNX_DTYPES)}")
     if max_seq < 16:
         raise MedusaError(f"--max-seq {max_seq} is too small (at least 16)")
-    out = Path(out)
+    out = check_out_dir(Path(out), SIDECAR, force, inputs=[model, heads_path(heads)])
     with stage(f"loading {model}", quiet):
         base = load_base(model, dtype)
         decoder = explicit_model(base)
         cfg = decoder.cfg
         med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
+        check_finite(med, heads)
         drafts = draft_ids(heads, draft_vocab, cfg.vocab_size)
     head_vocab = cfg.vocab_size if drafts is None else len(drafts)
     served = _served_trees(trees, med.num_heads, heads)
@@ -82,9 +94,26 @@ def export_onnx(
         raise MedusaError(f"no tree fits {med.num_heads} heads: give --tree with a shallower tree")
     topk = max(1, max(build_tree(c).topk for c in served.values()))
     topk = min(topk, head_vocab)
+    if default_tree is None and weights != "fp" and "chain2" in served:
+        # quantized weights: Medusa = plain holds for chains (README), chain2 measured fastest on 2 CPU cores
+        default_tree = "chain2"
     default_tree = default_tree or _largest(served, limit=16)
     if default_tree not in served:
         raise MedusaError(f"default tree {default_tree!r} is not among the exported trees {sorted(served)}")
+    per_device = {
+        "cpu": default_tree,
+        "gpu": default_tree,
+        **{k: v for k, v in (default_trees or {}).items() if v},
+    }
+    for device, name in per_device.items():
+        if device not in ("cpu", "gpu") or name not in served:
+            raise MedusaError(
+                f"default {device} tree {name!r} is not among the exported trees {sorted(served)}"
+            )
+    if weights != "fp" and dtype != "fp32":
+        raise MedusaError(f"--weights {weights} quantizes from fp32 activations: use --dtype fp32")
+    if weights != "fp" and gpu_step:
+        raise MedusaError("--gpu-step does not quantize its weights yet: use --weights fp with --gpu-step")
 
     kv_dtype = ONNX_DTYPES[dtype]
     inputs = contract.graph_inputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, cfg.has_sliding)
@@ -102,11 +131,38 @@ def export_onnx(
     with atomic_dir(out) as tmp:
         with stage(f"tracing {cfg.family} ({cfg.num_layers} layers) + {med.num_heads} heads to ONNX", quiet):
             _trace(graph, inputs, outputs, tmp / "model.onnx", opset, torch_dtype_of(dtype))
+        quantized = None
+        if weights != "fp":
+            from .quantize import quantize_model
+
+            with stage(f"quantizing the weights ({weights}, MatMulNBits / GatherBlockQuantized)", quiet):
+                quantized = quantize_model(tmp / "model.onnx", graph, model, weights, quiet).to_json()
         with stage("checking the graph (onnx.checker, shape inference)", quiet):
             _check(tmp / "model.onnx", inputs, outputs)
             _write_commit_graph(
                 tmp / "kv_commit.onnx", cfg.num_layers, kv_dtype, cfg.num_kv_heads, cfg.head_dim
             )
+        step = None
+        if gpu_step:
+            from .step_graph import PLAIN_FILE, STEP_FILE, export_step, share_weights
+
+            if opset < 23:
+                raise MedusaError("--gpu-step needs --opset 23 (the ONNX Attention op)")
+            with stage("tracing the fused step graph (step.onnx)", quiet):
+                native = dtype != "fp32"
+                ins, outs = export_step(
+                    graph, tmp / STEP_FILE, max_seq, kv_dtype, torch_dtype_of(dtype), native
+                )
+                export_step(
+                    graph, tmp / PLAIN_FILE, max_seq, kv_dtype, torch_dtype_of(dtype), native, draft=False
+                )
+                for name in (STEP_FILE, PLAIN_FILE):  # one copy of the weights on disk
+                    share_weights(tmp / name, tmp / "model.onnx")
+            step = {
+                "io": {"inputs": [s.to_json() for s in ins], "outputs": [s.to_json() for s in outs]},
+                "capacity": max_seq,
+                "native_dtype": native,
+            }
         base.tokenizer.save(str(tmp / "tokenizer.json"))
         sidecar = {
             "format": Artifact.FORMAT,
@@ -123,12 +179,22 @@ def export_onnx(
             "max_seq": max_seq,
             "io": {"inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs]},
             "files": {"model": "model.onnx", "commit": "kv_commit.onnx", "tokenizer": "tokenizer.json"},
-            "external_data": sorted(p.name for p in tmp.glob("model.onnx?*")),
+            "external_data": sorted(p.name for p in [*tmp.glob("model.onnx?*"), *tmp.glob("step*.onnx?*")]),
             "tokenizer": {"bos_token_id": base.bos_token_id, "eos_token_ids": base.eos_token_ids},
             "trees": {name: [list(p) for p in choices] for name, choices in served.items()},
             "default_tree": default_tree,
+            "default_trees": per_device,
             "versions": _versions(opset),
         }
+        if quantized is not None:
+            sidecar["weights"] = quantized
+        if step is not None:
+            sidecar["files"]["step"] = STEP_FILE
+            sidecar["files"]["step_plain"] = PLAIN_FILE
+            sidecar["step"] = step
+        names = [*sidecar["files"].values(), *sidecar["external_data"]]
+        with stage(f"recording checksums of {len(names)} files", quiet):
+            sidecar["checksums"] = file_checksums(tmp, names)
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
         Artifact.load(tmp)  # the runtime's own checks, before the folder becomes visible
     return out
@@ -272,9 +338,7 @@ def _write_commit_graph(path: Path, num_layers: int, kv_dtype: str, kv_heads: in
     import onnx
     from onnx import TensorProto, helper
 
-    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[
-        kv_dtype
-    ]
+    elem = contract.ONNX_ELEM[kv_dtype]
     src, dst = contract.commit_names(num_layers)
     rows = helper.make_tensor_value_info(contract.COMMIT_ROWS, TensorProto.INT64, ["kept"])
     ins = [helper.make_tensor_value_info(n, elem, ["batch", "tokens", kv_heads, head_dim]) for n in src]

@@ -22,14 +22,25 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file (blank lines skipped), with a one-line error for a bad line."""
     if not path.is_file():
         raise MedusaError(f"file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise MedusaError(f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except ValueError as error:
-            raise MedusaError(f"{path}:{number}: not JSON: {error}") from error
+            json.dumps(row, ensure_ascii=False).encode("utf-8")  # "\ud800" escapes decode to lone surrogates
+        except (ValueError, UnicodeEncodeError) as error:
+            reason = (
+                "a lone surrogate (\\uD800-\\uDFFF) is not text"
+                if isinstance(error, UnicodeEncodeError)
+                else error
+            )
+            raise MedusaError(f"{path}:{number}: not valid JSON text: {reason}") from None
         if not isinstance(row, dict):
             raise MedusaError(f"{path}:{number}: expected a JSON object")
         rows.append(row)

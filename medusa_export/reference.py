@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from medusa_runtime.acceptance import Greedy
 from medusa_runtime.api import MedusaRuntime
+from medusa_runtime.backends import GPU_BACKENDS
 from medusa_runtime.errors import MedusaError
+from medusa_runtime.lookup import add_lookup
 from medusa_runtime.tree import build_tree, load_choices
 
 from .onnx_export import tree_dirs
@@ -18,9 +20,6 @@ class Reference:
     tokens: list[int]
     margins: list[float]  # top-1 minus top-2 logit at each generated position
     tops: list[float]  # the top-1 logit at each generated position
-
-
-GPU_BACKENDS = ("ort-cuda", "trt")
 
 
 def reference_model(name: str, dtype: str, backend: str):
@@ -68,6 +67,7 @@ def torch_runtime(
     acceptance=Greedy(),
     device: str = "cpu",
     draft_ids=None,
+    lookup=None,
 ) -> MedusaRuntime:
     """The PyTorch Medusa decoder: explicit forward + heads (on a draft vocabulary when `draft_ids` is given,
     as the exported graph is), run eagerly, driven by the runtime's loop."""
@@ -78,6 +78,7 @@ def torch_runtime(
     decoder = explicit_model(base).to(device)
     name, choices = load_choices(tree, tree_dirs()) if tree else ("plain", [])
     buffers = build_tree(choices, num_heads=heads.num_heads)
+    name, buffers = add_lookup(name, buffers, lookup)  # prompt-lookup chains, when asked for
     graph = MedusaGraph(decoder, heads.to(device).eval(), max(1, buffers.topk), draft_ids).to(device).eval()
     backend = TorchBackend(graph, max_seq, device)
     return MedusaRuntime(

@@ -100,6 +100,7 @@ class TrainSettings:
         0  # >0: softmax over the N most frequent target tokens only (export with --draft-vocab N)
     )
     quiet: bool = False
+    force: bool = False  # replace heads already in --out
 
 
 @dataclass
@@ -409,14 +410,37 @@ def check_settings(settings: TrainSettings) -> None:
         raise MedusaError(f"--seq-len {settings.seq_len}: must be at least {MIN_TARGETS + 1}")
     if not 0.0 <= settings.holdout < 1.0:
         raise MedusaError(f"--holdout {settings.holdout}: must be in [0, 1)")
-    if not settings.lr > 0:
-        raise MedusaError(f"--lr {settings.lr}: must be positive")
+    if not (math.isfinite(settings.lr) and settings.lr > 0):
+        raise MedusaError(f"--lr {settings.lr}: must be a positive number")
+    if not (math.isfinite(settings.head_decay) and 0 < settings.head_decay <= 1):
+        raise MedusaError(f"--head-decay {settings.head_decay}: must be in (0, 1]")
+    if not (math.isfinite(settings.warmup) and 0 <= settings.warmup < 1):
+        raise MedusaError(f"--warmup {settings.warmup}: must be in [0, 1)")
+    check_train_out(settings.out, settings.resume or settings.force)
     if settings.data is not None and not settings.data.is_file():
         raise MedusaError(f"--data file not found: {settings.data}")
     if settings.draft_vocab and not settings.shared_lm_head:
         raise MedusaError("--draft-vocab trains through the shared lm_head: drop --no-shared-lm-head")
     if settings.dtype not in ("auto", "fp32", "fp16", "bf16"):
         raise MedusaError(f"unknown --dtype {settings.dtype!r}: use auto, fp32, fp16 or bf16")
+
+
+def check_train_out(out: Path, replace: bool) -> None:
+    """--out is a new or empty folder, or an earlier run's (its heads replaced only with --force/--resume)."""
+    from .heads import CONFIG_FILE
+    from .train_data import DATA_FILE
+
+    if out.exists() and not out.is_dir():
+        raise MedusaError(f"--out {out} exists and is not a folder: train writes a heads folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    ours = {CONFIG_FILE, ACCURACY_FILE, CHECKPOINT_FILE, DATA_FILE}
+    if not ours & {p.name for p in out.iterdir()}:
+        raise MedusaError(
+            f"--out {out} is a non-empty folder that no training run wrote: refusing to write into it"
+        )
+    if (out / CONFIG_FILE).is_file() and not replace:
+        raise MedusaError(f"--out {out} already holds heads: pass --force to replace them (or --resume)")
 
 
 def train(settings: TrainSettings) -> TrainResult:
@@ -575,6 +599,7 @@ def train_command(
         int, _opt("--draft-vocab", "softmax over the N most frequent target tokens (fast on CPU; 0: all)")
     ] = _D.draft_vocab,
     quiet: Annotated[bool, _opt("--quiet", "no progress output")] = False,
+    force: Annotated[bool, _opt("--force", "replace heads already in --out")] = False,
 ) -> None:
     """Train Medusa-1 heads on the frozen base model (self-distillation by default); write FasterDecoding
     heads, accuracy.json (top-1, top-5, rank_accuracy per head) and a resumable checkpoint into --out."""
@@ -601,6 +626,7 @@ def train_command(
         save_every=save_every,
         draft_vocab=draft_vocab,
         quiet=quiet,
+        force=force,
     )
     result = train(settings)
     meta = result.accuracy["train"]

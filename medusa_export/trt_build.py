@@ -39,7 +39,7 @@ from medusa_runtime.backends.trt import (
 from medusa_runtime.errors import MedusaError
 from medusa_runtime.tree import build_tree
 
-from .fsutil import atomic_file
+from .fsutil import atomic_file, check_out_file
 from .progress import log, stage
 
 Range = tuple[int, int, int]  # min, opt, max
@@ -56,13 +56,19 @@ def build_engine(
     timing_cache: Path | None = None,
     out: Path | None = None,
     quiet: bool = False,
+    force: bool = False,
 ) -> Path:
-    """Build an artifact's engines + sidecar; returns the engine path (<artifact>/model.<flavor>.engine)."""
+    """Build an artifact's engines + sidecar; returns the engine path (<artifact>/model.<flavor>.engine).
+    Existing engines at that path are replaced only with `force`."""
     artifact = Artifact.load(artifact_dir)
     max_seq, max_prompt, sizes, opt_tree = check_ranges(artifact, max_seq, max_prompt, tree_sizes)
     flavor, trt = import_tensorrt(flavor)
     out = Path(out) if out else default_engine_path(artifact.folder, flavor)
+    if out.suffix != ".engine":
+        raise MedusaError(f"--out {out}: an engine file name must end in .engine")
     commit_out = out.with_name(out.name.removesuffix(".engine") + ".kv_commit.engine")
+    for path in (out, commit_out, sidecar_path(out)):
+        check_out_file(path, force)
     start = time.perf_counter()
     parsed = _Engine(trt, flavor, artifact.path("model"), quiet)
     for mode in ("input", "output"):
@@ -448,8 +454,9 @@ def trt_command(
     out: Annotated[
         Path | None, typer.Option("--out", help="engine FILE (default: <artifact>/model.<flavor>.engine)")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace existing engines at --out")] = False,
 ):
     """Build a TensorRT / TensorRT-RTX engine (+ KV-commit engine and JSON sidecar) from an artifact."""
     sizes = parse_tree_sizes(tree_sizes)
-    path = build_engine(artifact, flavor, sizes, max_seq, max_prompt, timing_cache, out)
+    path = build_engine(artifact, flavor, sizes, max_seq, max_prompt, timing_cache, out, force=force)
     typer.echo(f"wrote {path}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU-host runs behind README/BENCHMARKS.md figures (see ../shared/gpu-host/README.md).
+# The GPU-host runs behind README/BENCHMARKS.md figures. The host needs onnxruntime-gpu, gguf and the model
+# staged onto it first (this workplace stages them as wheels; elsewhere: pip install -e ".[gpu]").
 # Run from the repo root on the GPU host after the staged wheels are installed into /tmp/site:
-#   bash scripts/gpu.sh train|export|validate|bench|profile [extra options]   (logs and results go to $OUT)
+#   bash scripts/gpu.sh SUBCOMMAND [options]; this round: prepare, validate-fp32, step, speed, lookup, serve   (logs and results go to $OUT)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD:$PWD/runtime HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -48,5 +49,47 @@ case "$1" in
         python3 scripts/ort_profile.py "$ART/gemma3-270m-$a" --prompts "$PROMPTS" --backend ort-cuda $mode "${@:2}"
       done
     done 2>&1 | tee "$OUT/profile.log" ;;
-  *) echo "usage: $0 train|export|validate|bench NAME|profile [extra options]" >&2; exit 2 ;;
+  prepare)  # the artifacts of this round: bf16 and fp32, with the fused step graphs (--gpu-step)
+    for d in bf16 fp32; do
+      a="$ART/gemma3-270m-$d-step"
+      [ -f "$a/artifact.json" ] || cli onnx gemma3-270m --heads "$HEADS" --dtype $d --out "$a" --max-seq 2048 \
+        --default-tree "$TREE" --gpu-step 2>&1 | tail -3 || cli onnx gemma3-270m --heads "$HEADS" --dtype $d \
+        --out "$a" --max-seq 2048 --default-tree "$TREE" 2>&1 | tail -1  # without the step graphs if they fail
+    done ;;
+  validate-fp32)  # N: fp32 token identity on the GPU (TF32 off), host loop and fused CUDA-graph step
+    python3 -c "
+import onnxruntime as ort; ort.preload_dlls()
+from medusa_runtime.api import MedusaRuntime
+rt = MedusaRuntime.open('$ART/gemma3-270m-fp32-step', backend='ort-cuda')
+print('CUDA EP options: use_tf32 =', rt.backend.session.get_provider_options()['CUDAExecutionProvider'].get('use_tf32'))
+" 2>&1 | grep use_tf32 | tee "$OUT/tf32.log"
+    for b in ort-cuda ort-cuda-graph; do
+      cli validate "$ART/gemma3-270m-fp32-step" --prompts "$PROMPTS" --backend $b --limit "${2:-48}" \
+        --max-new-tokens 64 2>&1 | tee "$OUT/validate-fp32-$b.log" | tail -3 || true
+    done ;;
+  step)  # per-step table: plain, 16/32/64 nodes; host loop vs fused vs fused + CUDA graph; kernels, host time, nodes
+    for d in bf16 fp32; do
+      python3 scripts/gpu_step_probe.py "$ART/gemma3-270m-$d-step" --out "$OUT/step-probe-$d.json" "${@:2}" 2>&1 \
+        | grep -v "ScatterND with reduction\|No registered plugin EP" | tee "$OUT/step-probe-$d.log"
+    done ;;
+  speed)  # the headline: Medusa and plain on the fused step + CUDA graph vs ONNX Runtime GenAI with CUDA graphs
+          # (its own builder, bf16), same prompt ids, interleaved, median of 3 runs; then acceptance per category
+    python3 scripts/peers.py "$ART/gemma3-270m-bf16-step" --prompts "$PROMPTS" --per-category 2 --max-new-tokens 96 \
+      --runs 3 --device cuda --backend ort-cuda-graph --tree "$TREE" --cuda-graph --systems medusa,plain,genai \
+      --work /tmp/peers --out "$OUT/peers-gpu.json" 2>&1 | tee "$OUT/peers-gpu.log" || true
+    cli bench "$ART/gemma3-270m-bf16-step" --prompts "$PROMPTS" --backend ort-cuda-graph --tree "$TREE" \
+      --per-category 2 --max-new-tokens 96 --runs 3 --no-hf --out "$OUT/bench-graph.json" 2>&1 | tee "$OUT/bench-graph.log" ;;
+  lookup)  # heads + prompt lookup, N prompts per category (host loop: the fused step has no lookup slots yet)
+    cli bench "$ART/gemma3-270m-bf16-step" --prompts "$PROMPTS" --backend ort-cuda --tree "$TREE" \
+      --lookup "${2:-2x8}" --per-category "${3:-8}" --max-new-tokens 64 --no-hf --out "$OUT/bench-lookup.json" 2>&1 \
+      | tee "$OUT/bench-lookup.log" ;;
+  serve)  # aggregate throughput of `medusa-export serve` at 1/4/16 concurrent streams (up to 8 workers). The host
+          # lacks the server's packages: stage them too (../shared/gpu-host/stage fastapi==0.165.0 starlette==1.10.0
+          # uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-doc==0.0.7 annotated-types==0.8.0
+          # typing-inspection==0.4.5 h11==0.16.0 anyio==4.16.0 httpx==0.28.1 httpcore==1.0.9 sniffio==1.3.1
+          # opentelemetry-api==1.45.2: fastapi 0.165 imports it; the first GPU serve run failed without it)
+    python3 scripts/serve_load.py "$ART/gemma3-270m-bf16-step" --backend "${2:-ort-cuda-graph}" \
+      --concurrency 1,4,16 --requests 8 --max-tokens 64 --max-workers 8 --long-tokens 1500 \
+      --out "$OUT/serve-load.json" 2>&1 | tee "$OUT/serve-load.log" ;;
+  *) echo "usage: $0 train|export|validate|bench NAME|profile|prepare|validate-fp32 [N]|step|speed|lookup [L]|serve [BACKEND]" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from hypothesis import strategies as st
 
 from medusa_runtime.errors import MedusaError
 from medusa_runtime.tree import (
+    MAX_DEPTH,
+    MAX_NODES,
+    MAX_RANK,
+    MAX_TREE_FILE_BYTES,
     TreeError,
     available_presets,
     build_tree,
@@ -303,3 +308,66 @@ def test_a_heads_folders_own_trees_are_served_with_those_heads_only(tmp_path):
     assert "gemma3-270m-64" in _served_trees(None, 4, "gemma3-270m-medusa")  # the shipped heads' own
     assert list(_served_trees(["mine-3"], 4, str(heads))) == ["mine-3"]
     assert tree_dirs(str(heads))[0] == heads / "trees"
+
+
+# --- limits: refused in one line, before anything is built (issue 10) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["[[0], [1e30]]", "[[0], [1000000000000000000000000000000]]", "[[0], [0, 2e400]]"]
+)
+def test_absurd_rank_in_a_tree_file_is_a_one_line_tree_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    with pytest.raises(TreeError) as info:
+        build_tree(load_choices(path)[1])
+    assert "\n" not in str(info.value) and "t.json" in str(info.value)
+
+
+def test_rank_limit() -> None:
+    with pytest.raises(TreeError, match=r"rank 1000000000000000000000000000000 beyond the limit"):
+        build_tree([[10**30]])
+    with pytest.raises(TreeError, match="beyond the limit"):
+        build_tree([[MAX_RANK]])
+    assert build_tree([[MAX_RANK - 1]]).topk == MAX_RANK
+
+
+def test_huge_trees_are_refused_before_any_buffer_is_built(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    with pytest.raises(TreeError, match=f"10001 nodes, more than the limit of {MAX_NODES}"):
+        build_tree([[0]] * 10_000)  # the count is checked before the paths are looked at
+    with pytest.raises(TreeError, match=f"depth 10000, beyond the limit of {MAX_DEPTH}"):
+        build_tree([[0] * 10_000])
+    with pytest.raises(TreeError, match="depth 10000 > 4 heads"):
+        build_tree([[0] * 10_000], num_heads=4)
+    with pytest.raises(TreeError, match="limit"):
+        build_tree([[0] * d for d in range(1, MAX_NODES + 1)])  # a chain of MAX_NODES + 1 nodes
+    # a 1,500-node chain file (3.4 MB) is parsed, then refused by its node count
+    chain = tmp_path / "chain.json"
+    chain.write_text(json.dumps([[0] * d for d in range(1, 1501)]))
+    with pytest.raises(TreeError, match="1501 nodes"):
+        load_choices(chain)
+    # a 10,000-node chain file would be ~150 MB: anything over the size limit is refused before parsing
+    big = tmp_path / "big.json"
+    with open(big, "w") as f:
+        f.write("[" + "[0]," * (MAX_TREE_FILE_BYTES // 4) + "[0]]")
+    with pytest.raises(TreeError, match="more than the limit"):
+        load_choices(big)
+    assert time.perf_counter() - start < 5
+    assert (
+        build_tree([[0] * d for d in range(1, MAX_DEPTH + 1)]).depth == MAX_DEPTH
+    )  # the limit itself is fine
+
+
+def test_huge_tree_file_through_the_runtime_is_refused_quickly(tmp_path: Path, tiny_artifact) -> None:
+    """`--tree FILE` with a 1,500-node chain: one line, in well under a second of tree work."""
+    from medusa_runtime.api import MedusaRuntime
+
+    folder = tiny_artifact("tiny-llama")
+    chain = tmp_path / "chain.json"
+    chain.write_text(json.dumps([[0] * d for d in range(1, 1501)]))
+    start = time.perf_counter()
+    with pytest.raises(MedusaError) as info:
+        MedusaRuntime.open(folder, tree=str(chain))
+    assert "limit" in str(info.value) and "\n" not in str(info.value)
+    assert time.perf_counter() - start < 5

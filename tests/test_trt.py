@@ -143,6 +143,8 @@ def test_parser_errors_name_the_node_and_op(tiny_artifact, tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
+    from medusa_runtime.integrity import file_checksums
+
     folder = tmp_path / "art"
     shutil.copytree(tiny_artifact("tiny-llama"), folder)
     x = helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, [1])
@@ -151,6 +153,9 @@ def test_parser_errors_name_the_node_and_op(tiny_artifact, tmp_path):
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("example.org", 1)]
     model = helper.make_model(helper.make_graph([node], "bad", [x], [y]), opset_imports=opsets)
     onnx.save(model, str(folder / "model.onnx"))
+    meta = json.loads((folder / "artifact.json").read_text())  # a consistent (re-recorded) artifact
+    meta["checksums"].update(file_checksums(folder, ["model.onnx"]))
+    (folder / "artifact.json").write_text(json.dumps(meta))
     with pytest.raises(MedusaError, match=r"cannot parse model.onnx: node the_bad_node \(NoSuchOp\)"):
         build_engine(folder, "tensorrt-rtx", max_seq=MAX_SEQ, quiet=True)
 

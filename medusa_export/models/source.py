@@ -60,7 +60,7 @@ def load_base(spec: str, dtype: str = "fp32") -> BaseModel:
     else:
         path = Path(spec)
         if path.suffix == ".gguf" and path.is_file():
-            folder = _dequantize_gguf(path, cache_dir() / f"gguf-{path.stem}")
+            folder = _dequantize_gguf(path, cache_dir() / f"gguf-{path.stem}-{_gguf_key(path)}")
         elif path.is_dir() and (path / "config.json").is_file():
             folder = path
         else:
@@ -126,6 +126,16 @@ def _gemma_cache() -> Path:
     return _dequantize_gguf(Path(assemble()), folder)
 
 
+def _gguf_key(path: Path) -> str:
+    """The cache key of a GGUF file: its content (a different file of the same name is another model)."""
+    from medusa_runtime.integrity import sha256_file
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MedusaError(f"{path} is not a GGUF file (no GGUF magic bytes)")
+    return sha256_file(path)[:16]
+
+
 def _dequantize_gguf(gguf_path: Path, folder: Path) -> Path:
     """Dequantize a GGUF checkpoint once into `folder` (config.json, model.safetensors, tokenizer.json)."""
     if (folder / "model.safetensors").is_file():
@@ -134,10 +144,18 @@ def _dequantize_gguf(gguf_path: Path, folder: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[medusa-export] dequantizing {gguf_path.name} once into {folder} (about a minute)", flush=True)
+    print(
+        f"[medusa-export] dequantizing {gguf_path} into {folder} (new or changed file; about a minute)",
+        flush=True,
+    )
     kw = dict(gguf_file=gguf_path.name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    except Exception as exc:  # transformers/gguf raise many types for a damaged file
+        raise MedusaError(
+            f"cannot read {gguf_path} as a GGUF model: {str(exc).splitlines()[0][:160]}"
+        ) from None
     with atomic_dir(folder) as tmp:
         config = hf.config.to_dict()
         config.pop("quantization_config", None)  # save_pretrained refuses it; the weights are dequantized

@@ -4,10 +4,12 @@ model exceeds min(posterior_threshold, posterior_alpha * exp(-entropy)))."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import MedusaError
 from .tree import TreeBuffers
 
 
@@ -37,6 +39,14 @@ class Typical:
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
     temperature: float = 0.7
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise MedusaError(f"temperature {self.temperature}: typical acceptance needs a positive number")
+        if not (math.isfinite(self.posterior_threshold) and 0 <= self.posterior_threshold <= 1):
+            raise MedusaError(f"posterior threshold {self.posterior_threshold}: must be in [0, 1]")
+        if not (math.isfinite(self.posterior_alpha) and self.posterior_alpha >= 0):
+            raise MedusaError(f"posterior alpha {self.posterior_alpha}: must be a non-negative number")
 
     def _probs(self, logits: np.ndarray) -> np.ndarray:
         z = logits / self.temperature

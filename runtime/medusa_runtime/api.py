@@ -3,24 +3,86 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .acceptance import Greedy, Typical
-from .artifact import Artifact
+from .artifact import Artifact, release_heap
 from .backends import open_backend
 from .decode import Drafter, Step, decode
 from .errors import MedusaError
+from .lookup import LookupSpec, add_lookup
 from .tree import TreeBuffers, build_tree
 
 
 def _pending(text: str, stop) -> int:
-    """How many trailing characters may still change: a partial UTF-8 sequence or a stop string's prefix."""
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
-    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    """How many trailing characters may still change: a partial UTF-8 sequence (decoded as U+FFFD), and
+    before it any start of a stop string (the partial character may complete it)."""
+    whole = text.rstrip("\ufffd")
+    partial = len(text) - len(whole)
+    held = max((n for s in stop for n in range(1, len(s)) if whole.endswith(s[:n])), default=0)
+    return partial + held
+
+
+class IncrementalText:
+    """The text of a growing list of token ids, released so that nothing sent ever changes: a partial UTF-8
+    sequence and any start of a stop string are held back; a stop string ends the text (not included)."""
+
+    def __init__(self, tokenizer, stop=()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = self.sent = ""
+
+    def add(self, tokens: list[int]) -> tuple[str, bool]:
+        """(newly releasable text, whether a stop string was reached)."""
+        self.ids += tokens
+        text = self.text = self.tokenizer.decode(self.ids)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        end, stopped = (cut, True) if cut >= 0 else (len(text) - _pending(text, self.stop), False)
+        piece = text[len(self.sent) : end] if end > len(self.sent) else ""
+        self.sent += piece
+        return piece, stopped
+
+    def flush(self) -> str:
+        """What was held back, once nothing follows (never call it after a stop)."""
+        piece, self.sent = self.text[len(self.sent) :], self.text
+        return piece
+
+
+class TextStream:
+    """An iterator of text pieces (see MedusaRuntime.stream) that counts what it decoded so far."""
+
+    def __init__(self, pieces: Iterator[str], stats: dict):
+        self._pieces, self._stats = pieces, stats
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop decoding now (frees the runtime for the next call)."""
+        self._pieces.close()
+
+    @property
+    def num_tokens(self) -> int:
+        return self._stats["tokens"]
+
+    @property
+    def num_steps(self) -> int:
+        return self._stats["steps"]
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per verify step (the prefill step excluded)."""
+        steps = self.num_steps - 1
+        return (self.num_tokens - 1) / steps if steps > 0 else 0.0
 
 
 @dataclass
@@ -43,7 +105,13 @@ class Result:
 
 
 class MedusaRuntime:
-    """A backend + tokenizer + tree: text in, text out. `MedusaRuntime.open(folder)` for an artifact."""
+    """A backend + tokenizer + tree: text in, text out. `MedusaRuntime.open(folder)` for an artifact.
+
+    Thread safety: a runtime owns one KV cache, so it decodes one request at a time. Calls from several
+    threads are safe: each generation holds the runtime's lock from its first step to its last (a
+    stream until it is exhausted or closed), and the others wait. For requests in parallel, open one
+    runtime per worker (the `serve` command keeps such a pool).
+    """
 
     def __init__(
         self,
@@ -60,6 +128,8 @@ class MedusaRuntime:
         self.artifact = artifact
         self.eos = set(eos_ids)
         self.acceptance, self.tree_name = acceptance, tree_name
+        self.vocab_size = artifact.model["vocab_size"] if artifact else tokenizer.get_vocab_size()
+        self._lock = threading.Lock()
 
     @classmethod
     def open(
@@ -69,15 +139,25 @@ class MedusaRuntime:
         tree: str | None = None,
         medusa: bool = True,
         acceptance: Greedy | Typical = Greedy(),
+        lookup: LookupSpec = None,
         **backend_options,
     ) -> MedusaRuntime:
-        """Load an artifact folder (exported by `medusa-export onnx`) on one of the runtime backends."""
+        """Load an artifact folder (exported by `medusa-export onnx`) on one of the runtime backends.
+        `lookup` adds prompt-lookup chains to the tree: L (one chain of L tokens) or "KxL" (lookup.py)."""
         from tokenizers import Tokenizer
 
         artifact = Artifact.load(folder)
-        tree_name, buffers = artifact.tree(tree) if medusa else ("plain", build_tree([]))
+        tree_name, buffers = artifact.tree(tree, backend) if medusa else ("plain", build_tree([]))
+        tree_name, buffers = add_lookup(tree_name, buffers, lookup)
+        try:  # before the backend: parsing a large tokenizer.json leaves freed heap that release_heap returns
+            tokenizer = Tokenizer.from_file(str(artifact.path("tokenizer")))
+        except Exception as exc:  # tokenizers raises its own Exception types
+            raise MedusaError(
+                f"{artifact.path('tokenizer')} is not a tokenizer: {str(exc).splitlines()[0][:120]}"
+            ) from None
+        release_heap()
         impl = open_backend(backend, artifact, max_nodes=buffers.num_nodes, **backend_options)
-        tokenizer = Tokenizer.from_file(str(artifact.path("tokenizer")))
+        release_heap()
         return cls(
             impl,
             tokenizer,
@@ -89,58 +169,88 @@ class MedusaRuntime:
             artifact,
         )
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt).ids
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt, or a list of token ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MedusaError("prompt is not valid Unicode text (it holds a lone surrogate)") from None
+            return self.tokenizer.encode(prompt).ids
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and prompt.dtype.kind in "iu":
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)):
+            raise MedusaError(f"prompt must be text or a list of token ids, not {type(prompt).__name__}")
+        bad = [t for t in prompt if type(t) is not int or not 0 <= t < self.vocab_size]
+        if bad:
+            raise MedusaError(f"prompt token {bad[0]!r} is not a token id in [0, {self.vocab_size})")
+        return list(prompt)
 
     def steps(
         self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None
     ) -> Iterator[Step]:
-        """Decoding steps, cut at EOS (kept) and at max_new_tokens."""
-        self._check_capacity(len(prompt_ids), max_new_tokens)
+        """Decoding steps, cut at EOS (kept) and at max_new_tokens. Holds the runtime's lock throughout."""
+        self.check_request(len(prompt_ids), max_new_tokens)
         left = max_new_tokens
-        for step in decode(self.backend, prompt_ids, self.tree, self.window, self.acceptance, drafter):
-            tokens = step.tokens[:left]
-            for i, t in enumerate(tokens):
-                if t in self.eos:
-                    tokens = tokens[: i + 1]
-                    break
-            left -= len(tokens)
-            yield Step(tokens, step.path)
-            if left <= 0 or (tokens and tokens[-1] in self.eos):
-                return
+        with self._lock:
+            for step in self._loop(prompt_ids, drafter):
+                tokens = step.tokens[:left]
+                for i, t in enumerate(tokens):
+                    if t in self.eos:
+                        tokens = tokens[: i + 1]
+                        break
+                left -= len(tokens)
+                yield Step(tokens, step.path, step.source)
+                if left <= 0 or (tokens and tokens[-1] in self.eos):
+                    return
 
-    def stream(self, prompt: str, max_new_tokens: int = 128, stop: list[str] | tuple = ()) -> Iterator[str]:
-        """Yields text as tokens are accepted; stops at EOS, max_new_tokens or a stop string (not yielded)."""
-        ids: list[int] = []
-        sent = text = ""
-        self.last_stats = (0, 0)  # (tokens, steps) of the latest stream, for callers that report speed
-        for step in self.steps(self.encode(prompt), max_new_tokens):
-            ids += step.tokens
-            self.last_stats = (len(ids), self.last_stats[1] + 1)
-            text = self.tokenizer.decode(ids)
-            cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-            if cut >= 0:
-                if cut > len(sent):
-                    yield text[len(sent) : cut]
+    def _loop(self, prompt_ids: list[int], drafter: Drafter | None) -> Iterator[Step]:
+        """decode.decode, or fused_decode.decode over a fused-step backend (greedy only)."""
+        if getattr(self.backend, "fused", False):
+            from . import fused_decode
+
+            if not isinstance(self.acceptance, Greedy):
+                raise MedusaError(
+                    "fused-step backends accept greedily only: use ort-cuda/ort-cpu for typical"
+                )
+            return fused_decode.decode(self.backend, prompt_ids, self.tree, self.window, drafter)
+        return decode(self.backend, prompt_ids, self.tree, self.window, self.acceptance, drafter)
+
+    def stream(
+        self, prompt: str | list[int], max_new_tokens: int = 128, stop: list[str] | tuple = ()
+    ) -> TextStream:
+        """Text as tokens are accepted; stops at EOS, max_new_tokens or a stop string (not yielded).
+        The returned iterator also counts tokens and steps (`num_tokens`, `mean_accepted`)."""
+        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+            raise MedusaError("stop must be a list of strings")
+        stats = {"tokens": 0, "steps": 0}
+        return TextStream(self._pieces(self.encode(prompt), max_new_tokens, stop, stats), stats)
+
+    def _pieces(self, prompt_ids: list[int], max_new_tokens: int, stop, stats: dict) -> Iterator[str]:
+        text = IncrementalText(self.tokenizer, stop)
+        for step in self.steps(prompt_ids, max_new_tokens):
+            stats["tokens"], stats["steps"] = stats["tokens"] + len(step.tokens), stats["steps"] + 1
+            piece, stopped = text.add(step.tokens)
+            if piece:
+                yield piece
+            if stopped:
                 return
-            safe = len(text) - _pending(text, stop)  # hold back a partial UTF-8 sequence or stop string
-            if safe > len(sent):
-                yield text[len(sent) : safe]
-                sent = text[:safe]
-        if len(text) > len(sent):  # what was held back, now that nothing follows
-            yield text[len(sent) :]
+        tail = text.flush()
+        if tail:
+            yield tail
 
     def generate(
         self, prompt: str | list[int], max_new_tokens: int = 128, drafter: Drafter | None = None
     ) -> Result:
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.encode(prompt)
         start = time.perf_counter()
         steps = list(self.steps(ids, max_new_tokens, drafter))
         seconds = time.perf_counter() - start
         tokens = [t for s in steps for t in s.tokens]
         return Result(self.tokenizer.decode(tokens), tokens, len(ids), steps, seconds)
 
-    def _check_capacity(self, prompt_len: int, max_new_tokens: int) -> None:
+    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse (MedusaError) a request this runtime's KV capacity cannot hold."""
         cap = self.backend.capacity
         if prompt_len == 0:
             raise MedusaError("empty prompt")

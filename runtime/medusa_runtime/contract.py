@@ -15,17 +15,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FLOAT32, INT64 = "float32", "int64"
-# bytes per element of the dtype names used across the contract and the backends' bindings
-ITEMSIZE = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
+# The one dtype table: the user-facing spelling of an artifact's dtype -> its tensors' element type
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ElementType:
+    """One tensor element type under every name the stages give it."""
+
+    name: str  # the contract's name (numpy's, "bfloat16" aside)
+    itemsize: int
+    onnx: int  # onnx.TensorProto data type
+    trt: str  # TensorRT DataType member
+
+
+ELEMENT_TYPES = {
+    e.name: e
+    for e in (
+        ElementType("float32", 4, 1, "FLOAT"),
+        ElementType("float16", 2, 10, "HALF"),
+        ElementType("bfloat16", 2, 16, "BF16"),
+        ElementType("int64", 8, 7, "INT64"),
+        ElementType("int32", 4, 6, "INT32"),
+        ElementType("int8", 1, 3, "INT8"),
+        ElementType("uint8", 1, 2, "UINT8"),
+        ElementType("bool", 1, 9, "BOOL"),
+    )
 }
+ITEMSIZE = {n: e.itemsize for n, e in ELEMENT_TYPES.items()}
+ONNX_ELEM = {n: e.onnx for n, e in ELEMENT_TYPES.items()}
+FROM_TRT = {e.trt: n for n, e in ELEMENT_TYPES.items()}
+_ORT_SPELLING = {"float32": "float", "bool": "bool"}
+FROM_ORT = {f"tensor({_ORT_SPELLING.get(n, n)})": n for n in ELEMENT_TYPES}  # "tensor(float)" -> "float32"
 
 
 @dataclass(frozen=True)
@@ -86,3 +107,47 @@ COMMIT_ROWS = "rows"
 
 def commit_names(num_layers: int) -> tuple[list[str], list[str]]:
     return past_names(num_layers, "present"), past_names(num_layers, "kept")
+
+
+# The fused step graph (step.onnx, exported with `--gpu-step`): one whole Medusa step (verify the tree,
+# accept greedily, write the accepted path's KV into the cache, draft the next tree) at fixed shapes.
+# Symbols: nodes (N tree nodes, root included), paths (L root-to-leaf paths), path_len (D + 1: tree depth
+# plus the root); the runtime fixes them per tree (free dimension overrides), so the graph is static.
+# The cache is bound at full capacity; slot j holds position j; rows >= length are ignored.
+# step_result [path_len + 2] int64: the emitted tokens (first num_emitted valid), num_emitted, last node.
+STEP_TOKENS, STEP_LENGTH = "tokens", "length"
+STEP_TREE = ("depth", "ancestors", "retrieve", "tree_indices")
+STEP_NEXT_TOKENS, STEP_NEXT_LENGTH, STEP_RESULT = "next_tokens", "next_length", "step_result"
+STEP_SYMBOLS = ("nodes", "paths", "path_len")
+
+
+def step_cache_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """(cache inputs, updated-cache outputs) of the step graph, layer-major, key before value."""
+    return past_names(num_layers, "cache"), past_names(num_layers, "updated")
+
+
+def step_inputs(
+    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, capacity: int
+) -> list[TensorSpec]:
+    specs = [
+        TensorSpec(STEP_TOKENS, INT64, ("nodes",)),
+        TensorSpec(STEP_LENGTH, INT64, (1,)),
+        TensorSpec("depth", INT64, ("nodes",)),
+        TensorSpec("ancestors", "bool", ("nodes", "nodes")),
+        TensorSpec("retrieve", INT64, ("paths", "path_len")),
+        TensorSpec("tree_indices", INT64, ("nodes",)),
+    ]
+    shape = (1, capacity, kv_heads, head_dim)
+    return specs + [TensorSpec(n, kv_dtype, shape) for n in step_cache_names(num_layers)[0]]
+
+
+def step_outputs(
+    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, capacity: int
+) -> list[TensorSpec]:
+    specs = [
+        TensorSpec(STEP_NEXT_TOKENS, INT64, ("nodes",)),
+        TensorSpec(STEP_NEXT_LENGTH, INT64, (1,)),
+        TensorSpec(STEP_RESULT, INT64, ("result",)),
+    ]
+    shape = (1, capacity, kv_heads, head_dim)
+    return specs + [TensorSpec(n, kv_dtype, shape) for n in step_cache_names(num_layers)[1]]

@@ -1,20 +1,23 @@
 """The Medusa draft-verify loop as small named steps over any Backend.
 
-prefill -> [draft (heads' top-k at the accepted row) -> candidates (tree) -> verify (one forward)
--> accept (greedy | typical) -> commit (keep the accepted path's KV)] ... Plain autoregressive
-decoding is the same loop with the root-only tree.
+prefill -> [draft (heads' top-k at the accepted row) -> lookup (continuations found in the context, for
+a hybrid tree's lookup chains) -> candidates (tree) -> verify (one forward) -> accept (greedy | typical)
+-> commit (keep the accepted path's KV)] ... Plain autoregressive decoding is the same loop with the
+root-only tree; a tree without lookup chains gets an empty lookup.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from .acceptance import Greedy
 from .backends.base import Backend, StepOutput
+from .lookup import propose
 from .masks import causal, step_masks
 from .tree import TreeBuffers
 
@@ -25,7 +28,17 @@ Drafter = Callable[[list[int], np.ndarray], np.ndarray]
 @dataclass
 class Step:
     tokens: list[int]  # emitted by this step (accepted candidates + the base model's next token)
-    path: tuple[int, ...]  # ranks of the accepted candidates (the tree choice), () when none
+    path: tuple[int, ...]  # ranks of the accepted candidates (the tree choice), () when none or lookup
+    source: str = ""  # where the accepted candidates came from: "heads", "lookup", "" when none
+
+
+def accepted_by_source(steps: Iterable[Step]) -> Counter:
+    """Accepted candidate tokens per source over verify steps (the prefill step has no source)."""
+    counts: Counter = Counter()
+    for step in steps:
+        if step.source:
+            counts[step.source] += max(len(step.tokens) - 1, 0)
+    return counts
 
 
 def prefill(backend: Backend, prompt: list[int], window: int | None) -> StepOutput:
@@ -38,13 +51,14 @@ def prefill(backend: Backend, prompt: list[int], window: int | None) -> StepOutp
     )
 
 
-def candidates(tree: TreeBuffers, root_token: int, draft: np.ndarray) -> np.ndarray:
-    """Token of every tree node [N]: the root, then each node's rank in its head's top-k."""
-    flat = (
-        np.concatenate(([root_token], draft[:, : tree.topk].reshape(-1)))
-        if tree.topk
-        else np.array([root_token])
-    )
+def lookup(tree: TreeBuffers, context: list[int]) -> np.ndarray:
+    """Tokens for the tree's lookup chains [chains, length] (empty when it has none)."""
+    return propose(context, tree.lookup_chains, tree.lookup_length)
+
+
+def candidates(tree: TreeBuffers, root_token: int, draft: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Token of every tree node [N]: the root, each heads node's rank in its head's top-k, the lookup."""
+    flat = np.concatenate(([root_token], draft[: tree.depth, : tree.topk].reshape(-1), found.reshape(-1)))
     return flat[tree.tree_indices].astype(np.int64)
 
 
@@ -74,7 +88,7 @@ def decode(
     while True:
         if drafter is not None:
             draft = drafter(context, draft)
-        cand = candidates(tree, token, draft)
+        cand = candidates(tree, token, draft, lookup(tree, context))
         out = verify(backend, tree, cand, window)
         logits = functools.cache(backend.logits)  # to the host at most once a step, only if asked for
         nodes = acceptance.accept(tree, cand, out.next_tokens, logits)
@@ -85,4 +99,4 @@ def decode(
         emitted = [int(t) for t in cand[nodes[1:]]] + [token]
         draft = out.medusa_topk[:, last]
         context += emitted
-        yield Step(emitted, tree.choices[last - 1] if last else ())
+        yield Step(emitted, tree.path(last), tree.source(last))

@@ -3,6 +3,8 @@
 A tree is given as "medusa choices": a list of paths, each path a list of top-k ranks, one per head depth
 (``[0, 1]`` = rank-0 token of head 0, then rank-1 token of head 1). Node 0 is the root, the token chosen by
 the base model; node ``i >= 1`` is the ``i-1``-th path in sorted order (by depth, then lexicographically).
+A hybrid tree (`with_lookup`) appends reserved prompt-lookup chains hanging from the root after those nodes;
+their tokens are filled per step (lookup.py), the buffers stay static.
 Pure numpy + stdlib, so the runtime imports without torch.
 """
 
@@ -23,6 +25,15 @@ from .errors import MedusaError
 
 TreePath = tuple[int, ...]
 
+# Sanity limits, checked before anything is built (a tree file is read whole, then its buffers are N x N):
+# far beyond any useful tree (Medusa's largest canonical tree has 64 nodes, 4 heads, top-10).
+MAX_NODES = 1024  # root and lookup slots included
+MAX_DEPTH = 64  # heads (or lookup chain length)
+MAX_RANK = 1024  # exclusive: a rank is a head's top-k index
+MAX_TREE_FILE_BYTES = 4 << 20
+ROOT, HEADS, LOOKUP = 0, 1, 2  # TreeBuffers.sources: where each node's token comes from
+SOURCE_NAMES = {HEADS: "heads", LOOKUP: "lookup"}
+
 
 class TreeError(MedusaError):
     """An invalid tree, tree preset or rank-accuracy file."""
@@ -30,6 +41,12 @@ class TreeError(MedusaError):
 
 def _fmt(path: Any) -> str:
     return str(list(path)) if isinstance(path, (list, tuple)) else repr(path)
+
+
+def _short(path: Any, limit: int = 60) -> str:
+    """A path for an error message, cut to one readable line."""
+    text = _fmt(path)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
 
 
 def _is_int(value: Any) -> bool:
@@ -44,21 +61,35 @@ def validate_choices(choices: Any, num_heads: int | None = None, topk: int | Non
     """Check a list of paths and return it (same order) as tuples; an empty list means root only.
 
     Raises TreeError naming the first bad path: not a list of ints, empty, negative rank, deeper than
-    ``num_heads``, rank >= ``topk``, duplicated, or missing its parent path.
+    ``num_heads``, rank >= ``topk``, duplicated, or missing its parent path; or for a tree beyond the
+    sanity limits (MAX_NODES, MAX_DEPTH, MAX_RANK), checked first, so a huge tree costs nothing.
     """
     if not isinstance(choices, (list, tuple)):
         raise TreeError(f"medusa choices must be a list of paths, got {type(choices).__name__}")
+    if len(choices) >= MAX_NODES:
+        raise TreeError(f"tree has {len(choices) + 1} nodes, more than the limit of {MAX_NODES}")
     paths: list[TreePath] = []
     for raw in choices:
-        if not isinstance(raw, (list, tuple)) or not all(_is_int(r) for r in raw):
+        if not isinstance(raw, (list, tuple)):
+            raise TreeError(f"medusa choice {_short(raw)} is not a list of integer ranks")
+        # depth before the ranks are looked at: a path may be huge
+        if num_heads is not None and len(raw) > num_heads:
+            raise TreeError(f"medusa choice {_short(raw)} has depth {len(raw)} > {num_heads} heads")
+        if len(raw) > MAX_DEPTH:
+            raise TreeError(
+                f"medusa choice {_short(raw)} has depth {len(raw)}, beyond the limit of {MAX_DEPTH}"
+            )
+        if not all(_is_int(r) for r in raw):
             raise TreeError(f"medusa choice {raw!r} is not a list of integer ranks")
         path = tuple(int(r) for r in raw)
         if not path:
             raise TreeError("medusa choice [] is empty: every path needs at least one rank")
         if min(path) < 0:
             raise TreeError(f"medusa choice {_fmt(path)} has a negative rank")
-        if num_heads is not None and len(path) > num_heads:
-            raise TreeError(f"medusa choice {_fmt(path)} has depth {len(path)} > {num_heads} heads")
+        if max(path) >= MAX_RANK:
+            raise TreeError(
+                f"medusa choice {_short(path)} has rank {max(path)} beyond the limit {MAX_RANK - 1}"
+            )
         if topk is not None and max(path) >= topk:
             raise TreeError(f"medusa choice {_fmt(path)} uses rank {max(path)} but top-k is {topk}")
         paths.append(path)
@@ -77,20 +108,39 @@ def validate_choices(choices: Any, num_heads: int | None = None, topk: int | Non
 class TreeBuffers:
     """Static buffers for verifying a candidate tree in one forward pass (arrays are int64 and read-only).
 
-    ``tree_indices`` index the flat candidate vector ``concat([root], topk_ids[0], topk_ids[1], ...)`` where
-    ``topk_ids[d]`` holds head d's top-``topk`` token ids.
+    ``tree_indices`` index the flat candidate vector ``concat([root], topk_ids[0], ..., topk_ids[depth - 1],
+    lookup[0], ..., lookup[chains - 1])`` where ``topk_ids[d]`` holds head d's top-``topk`` token ids and
+    ``lookup[c]`` the ``lookup_length`` tokens proposed for lookup chain c (hybrid trees only).
     """
 
-    choices: tuple[TreePath, ...]  # sorted paths; node i >= 1 is choices[i - 1]
-    num_nodes: int  # root included
-    depth: int  # longest path; also the number of heads needed
+    choices: tuple[TreePath, ...]  # sorted heads paths; node i in 1..len(choices) is choices[i - 1]
+    num_nodes: int  # root and lookup nodes included
+    depth: int  # longest heads path; also the number of heads needed
     num_leaves: int
     topk: int  # max rank + 1 (0 for root only)
     parents: np.ndarray  # [N], root -1
     attention_mask: np.ndarray  # [N, N] bool: i attends j iff j is i or an ancestor of i
     position_ids: np.ndarray  # [N], depth of each node (root 0)
     tree_indices: np.ndarray  # [N]
-    retrieve_indices: np.ndarray  # [num_leaves, depth + 1], node indices root -> leaf, padded with -1
+    retrieve_indices: np.ndarray  # [num_leaves, longest path + 1], node indices root -> leaf, -1 padded
+    sources: np.ndarray  # [N]: ROOT, HEADS or LOOKUP, where each node's token comes from
+    lookup: tuple[int, int] = (0, 0)  # (chains, length) of the reserved prompt-lookup slots
+
+    @property
+    def lookup_chains(self) -> int:
+        return self.lookup[0]
+
+    @property
+    def lookup_length(self) -> int:
+        return self.lookup[1]
+
+    def source(self, node: int) -> str:
+        """'heads' or 'lookup' for a candidate node, '' for the root."""
+        return SOURCE_NAMES.get(int(self.sources[node]), "")
+
+    def path(self, node: int) -> TreePath:
+        """The medusa choice of a heads node; () for the root and lookup nodes."""
+        return self.choices[node - 1] if self.sources[node] == HEADS else ()
 
     def to_json_dict(self) -> dict[str, Any]:
         """A JSON-serializable description of the tree (the mask as 0/1)."""
@@ -100,11 +150,13 @@ class TreeBuffers:
             "num_leaves": self.num_leaves,
             "topk": self.topk,
             "choices": [list(p) for p in self.choices],
+            "lookup": {"chains": self.lookup_chains, "length": self.lookup_length},
             "parents": self.parents.tolist(),
             "attention_mask": self.attention_mask.astype(int).tolist(),
             "position_ids": self.position_ids.tolist(),
             "tree_indices": self.tree_indices.tolist(),
             "retrieve_indices": self.retrieve_indices.tolist(),
+            "sources": self.sources.tolist(),
         }
 
 
@@ -113,43 +165,85 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def build_tree(choices: Any, num_heads: int | None = None, topk: int | None = None) -> TreeBuffers:
-    """Validate ``choices`` (see validate_choices) and build the tree-attention buffers."""
-    paths = sorted(validate_choices(choices, num_heads, topk), key=_sort_key)
-    index = {path: i for i, path in enumerate([(), *paths])}
-    num_nodes = len(index)
-    need_topk = max((max(p) for p in paths), default=-1) + 1
-    depth = max((len(p) for p in paths), default=0)
-
-    parents = np.array([-1] + [index[p[:-1]] for p in paths], dtype=np.int64)
-    position_ids = np.array([0] + [len(p) for p in paths], dtype=np.int64)
-    tree_indices = np.array([0] + [1 + (len(p) - 1) * need_topk + p[-1] for p in paths], dtype=np.int64)
+def _assemble(
+    choices: tuple[TreePath, ...],
+    depth: int,
+    topk: int,
+    nodes: list[tuple[int, int, int, int]],  # (parent, position, tree index, source), parents first
+    lookup: tuple[int, int] = (0, 0),
+) -> TreeBuffers:
+    """Attention mask, leaves and root-to-leaf paths from the node list (root first, each parent before
+    its children)."""
+    parents, position_ids, tree_indices, sources = (np.array(col, dtype=np.int64) for col in zip(*nodes))
+    num_nodes = len(nodes)
     mask = np.eye(num_nodes, dtype=bool)
-    for i in range(1, num_nodes):  # sorted by depth, so a parent's row is complete before its children's
+    for i in range(1, num_nodes):  # a parent's row is complete before its children's
         mask[i] |= mask[parents[i]]
 
     leaves = sorted(set(range(num_nodes)) - set(parents.tolist()))
-    retrieve = np.full((len(leaves), depth + 1), -1, dtype=np.int64)
+    retrieve = np.full((len(leaves), int(position_ids.max()) + 1), -1, dtype=np.int64)
     for row, leaf in enumerate(leaves):
         chain = np.flatnonzero(mask[leaf])  # ancestors and the leaf itself, root first
         retrieve[row, : len(chain)] = chain
 
     return TreeBuffers(
-        choices=tuple(paths),
+        choices=choices,
         num_nodes=num_nodes,
         depth=depth,
         num_leaves=len(leaves),
-        topk=need_topk,
+        topk=topk,
         parents=_frozen(parents),
         attention_mask=_frozen(mask),
         position_ids=_frozen(position_ids),
         tree_indices=_frozen(tree_indices),
         retrieve_indices=_frozen(retrieve),
+        sources=_frozen(sources),
+        lookup=lookup,
     )
+
+
+def _heads_nodes(paths: list[TreePath], topk: int) -> list[tuple[int, int, int, int]]:
+    index = {path: i for i, path in enumerate([(), *paths])}
+    root = (-1, 0, 0, ROOT)
+    return [root] + [(index[p[:-1]], len(p), 1 + (len(p) - 1) * topk + p[-1], HEADS) for p in paths]
+
+
+def build_tree(choices: Any, num_heads: int | None = None, topk: int | None = None) -> TreeBuffers:
+    """Validate ``choices`` (see validate_choices) and build the tree-attention buffers."""
+    paths = sorted(validate_choices(choices, num_heads, topk), key=_sort_key)
+    need_topk = max((max(p) for p in paths), default=-1) + 1
+    depth = max((len(p) for p in paths), default=0)
+    return _assemble(tuple(paths), depth, need_topk, _heads_nodes(paths, need_topk))
+
+
+def with_lookup(tree: TreeBuffers, chains: int, length: int) -> TreeBuffers:
+    """The hybrid tree: ``tree``'s heads nodes, then ``chains`` reserved chains of ``length`` prompt-lookup
+    nodes hanging from the root (node positions 1..length). Their tokens are filled each step; the buffers
+    stay static. A head count or top-k limit does not apply to them; the node count still does."""
+    if tree.lookup_chains:
+        raise TreeError("this tree already has lookup chains")
+    if not (_is_int(chains) and _is_int(length) and chains >= 1 and length >= 1):
+        raise TreeError(f"lookup needs at least one chain of at least one token, got {chains} x {length}")
+    if length > MAX_DEPTH:
+        raise TreeError(f"lookup chains of {length} tokens are beyond the limit of {MAX_DEPTH}")
+    if tree.num_nodes + chains * length > MAX_NODES:
+        raise TreeError(
+            f"tree of {tree.num_nodes} nodes + {chains} x {length} lookup nodes is more than the limit of {MAX_NODES}"
+        )
+    nodes = _heads_nodes(list(tree.choices), tree.topk)
+    first = 1 + tree.depth * tree.topk  # the lookup tokens follow the heads' top-k in the flat vector
+    for c in range(chains):
+        for d in range(length):
+            parent = 0 if d == 0 else len(nodes) - 1
+            nodes.append((parent, d + 1, first + c * length + d, LOOKUP))
+    return _assemble(tree.choices, tree.depth, tree.topk, nodes, (int(chains), int(length)))
 
 
 def _read_json(path: Path, what: str) -> Any:
     try:
+        size = path.stat().st_size
+        if size > MAX_TREE_FILE_BYTES:  # refused before parsing: no useful tree file is this big
+            raise TreeError(f"{what} {path} is {size} bytes, more than the limit of {MAX_TREE_FILE_BYTES}")
         return json.loads(path.read_text())
     except OSError as exc:
         raise TreeError(f"cannot read {what} {path}: {exc.strerror or exc}") from None

@@ -15,14 +15,25 @@ from .. import contract
 from ..errors import MedusaError
 from .base import Backend, StepOutput
 
-_ONNX_ELEM = {"float32": 1, "float16": 10, "bfloat16": 16, "int64": 7}
-_ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(bfloat16)": "bfloat16",
-    "tensor(int64)": "int64",
-}
 LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
+
+
+def bind_token_inputs(io, input_ids, positions, masks, rows) -> None:
+    """Clear an IoBinding of model.onnx and bind its host inputs (ids, positions, masks, output rows)."""
+    io.clear_binding_inputs()
+    io.clear_binding_outputs()
+    io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64)[None])
+    io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64)[None])
+    io.bind_cpu_input("attention_mask", masks[0])
+    if masks[1] is not None:
+        io.bind_cpu_input("sliding_attention_mask", masks[1])
+    io.bind_cpu_input("output_rows", np.ascontiguousarray(rows, dtype=np.int64))
+
+
+def cuda_provider_options(device_id: int = 0) -> dict[str, str]:
+    """CUDA EP options. TF32 off: ONNX Runtime would otherwise run float32 MatMul/GEMM in TF32, which
+    breaks fp32 token identity with the reference (seen on an H200: 15/16 prompts); bf16 is unaffected."""
+    return {"device_id": str(device_id), "use_tf32": "0"}
 
 
 class OrtBackend(Backend):
@@ -41,7 +52,6 @@ class OrtBackend(Backend):
         self.num_layers, kv_heads, head_dim = m["num_layers"], m["num_kv_heads"], m["head_dim"]
         self.kv_dtype = next(s["dtype"] for s in artifact.io("inputs") if s["name"].startswith("past_"))
         self.capacity = artifact.max_seq
-        self.sliding = m["sliding_window"] is not None
         self.row_bytes = kv_heads * head_dim * contract.ITEMSIZE[self.kv_dtype]
         self.kv_tail = (kv_heads, head_dim)
 
@@ -53,7 +63,7 @@ class OrtBackend(Backend):
                 raise MedusaError(
                     "backend ort-cuda needs onnxruntime-gpu with a CUDA device (pip install .[gpu])"
                 )
-            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+            providers = [("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"]
         elif device != "cpu":
             raise MedusaError(f"unknown ONNX Runtime device {device!r}")
         elif self.kv_dtype == "bfloat16":
@@ -81,16 +91,22 @@ class OrtBackend(Backend):
             raise MedusaError(
                 f"ONNX Runtime could not load {artifact.folder}: {str(exc).splitlines()[0]}"
             ) from None
+        if device == "cuda" and self.session.get_provider_options().get("CUDAExecutionProvider", {}).get(
+            "use_tf32"
+        ) not in ("0", None):
+            raise MedusaError("ONNX Runtime ignored use_tf32=0: fp32 results would not be exact")
         artifact.check_io(
-            "inputs", [(i.name, _ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
+            "inputs", [(i.name, contract.FROM_ORT.get(i.type, i.type)) for i in self.session.get_inputs()]
         )
         artifact.check_io(
-            "outputs", [(o.name, _ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()]
+            "outputs", [(o.name, contract.FROM_ORT.get(o.type, o.type)) for o in self.session.get_outputs()]
         )
 
         def alloc(rows):
             shape = [1, rows, kv_heads, head_dim]
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, _ONNX_ELEM[self.kv_dtype], device, 0)
+            return ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, contract.ONNX_ELEM[self.kv_dtype], device, 0
+            )
 
         n = 2 * self.num_layers
         self.cache = [alloc(self.capacity) for _ in range(n)]
@@ -107,7 +123,7 @@ class OrtBackend(Backend):
             name,
             self.device,
             0,
-            _ONNX_ELEM[self.kv_dtype],
+            contract.ONNX_ELEM[self.kv_dtype],
             [1, rows, *self.kv_tail],
             value.data_ptr() + row * self.row_bytes,
         )
@@ -121,14 +137,7 @@ class OrtBackend(Backend):
                 f"a tree of {t} nodes exceeds this backend's {self.max_nodes}-node scratch area"
             )
         io = self.io
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64)[None])
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64)[None])
-        io.bind_cpu_input("attention_mask", masks[0])
-        if self.sliding:
-            io.bind_cpu_input("sliding_attention_mask", masks[1])
-        io.bind_cpu_input("output_rows", np.ascontiguousarray(rows, dtype=np.int64))
+        bind_token_inputs(io, input_ids, positions, masks, rows)
         for name, value in zip(self.past_names, self.cache):
             self._bind_kv(io.bind_input, name, value, 0, self.length)
         # get_outputs() follows binding order: LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK, then KV

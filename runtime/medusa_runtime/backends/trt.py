@@ -17,7 +17,6 @@ ctypes); tensorrt / tensorrt_rtx are imported inside the functions that need the
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,21 +26,13 @@ import numpy as np
 from .. import contract
 from ..artifact import SIDECAR, read_sidecar
 from ..errors import MedusaError
+from ..integrity import sha256_file
 from .base import Backend, StepOutput
 
 ENGINE_FORMAT = "medusa-export-engine/1"
 FLAVORS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # flavor -> module, preferred first
 PREFILL, VERIFY, COMMIT = "prefill", "verify", "commit"
-TRT_DTYPES = {
-    "FLOAT": "float32",
-    "HALF": "float16",
-    "BF16": "bfloat16",
-    "INT64": "int64",
-    "INT32": "int32",
-    "INT8": "int8",
-    "UINT8": "uint8",
-    "BOOL": "bool",
-}
+TRT_DTYPES = contract.FROM_TRT
 KV_PREFIXES = ("past_", "present_", "kept_")
 _NOISE = ("has Int64 binding", "Thread context has not been set")
 
@@ -86,14 +77,6 @@ def find_engine(folder: Path, flavor: str = "auto") -> Path:
 
 def sidecar_path(engine: Path) -> Path:
     return Path(f"{engine}.json")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_engine_sidecar(engine: Path) -> dict:

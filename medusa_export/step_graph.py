@@ -1,0 +1,348 @@
+"""The fused step graph (`step.onnx`, `medusa-export onnx ... --gpu-step`): one whole greedy Medusa step.
+
+model.onnx runs one forward at dynamic shapes and leaves acceptance, the KV commit and the next tree to
+the host. This graph does the whole step on the device at FIXED shapes, so that ONNX Runtime's CUDA EP
+can capture it once and replay it as a CUDA graph:
+
+  tokens [N] (this step's tree: root + candidates), length [1] (valid cache rows), the tree's constants
+  (depth [N], ancestors [N, N], retrieve [L, D+1], tree_indices [N]) and the KV cache bound at full
+  capacity [1, capacity, KV, head_dim] per layer
+  -> masks from length, positions (length + depth) and the ancestors (sliding-window layers too)
+  -> the decoder over the N nodes, attention (ONNX `Attention`, opset 23) over [cache ; new]
+  -> argmax at every node; greedy acceptance (`acceptance.Greedy`: the longest root-first path whose
+     every token is its parent's argmax, the first such path on ties)
+  -> the accepted path's K/V rows written into the cache at slots length .. length + D (D + 1 rows; those
+     past the accepted count are garbage beyond the new length, never read)
+  -> the heads' top-k at the last accepted node only -> the next step's tree tokens (tree_indices)
+  outputs next_tokens [N], next_length [1], step_result [D + 3] (emitted tokens, their count, the last
+  accepted node) and the updated caches.
+
+N, L and D + 1 are symbols here (`contract.STEP_SYMBOLS`); the runtime pins them per tree with ONNX
+Runtime's free dimension overrides, so one file serves every tree and constant folding removes the
+shape arithmetic. fp32 computes what model.onnx computes (the same explicit forward, attention fused).
+With `native=True` (bf16/fp16 artifacts) RMSNorm, RoPE and GELU run in the model dtype (float32 math
+inside the kernels, RMSNormalization stash_type=1) instead of float32 islands between Casts: far fewer
+nodes, slightly different rounding (Gemma's (1 + w) scale is rounded to the model dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medusa_runtime import contract
+
+from .graph import MedusaGraph
+from .models.common import apply_rope, fused_onnx_ops, rms_norm, rope
+
+STEP_FILE = "step.onnx"
+PLAIN_FILE = "step_plain.onnx"  # the same step without the heads, for plain decoding (N = 1)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, native: bool) -> torch.Tensor:
+    if not native or x.dtype == torch.float32:
+        return rms_norm(x, weight, eps, offset)
+    scale = ((offset + weight.float()) if offset else weight.float()).to(x.dtype)
+    attrs = {"axis": -1, "epsilon": float(eps), "stash_type": 1}
+    return torch.onnx.ops.symbolic(
+        "RMSNormalization", (x, scale), attrs, dtype=x.dtype, shape=x.shape, version=23
+    )
+
+
+def _cos_sin(positions, inv_freq, scale: float, dtype, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables [1, N, D/2]: float32 values rounded to the model dtype, as models.common.rope; native
+    keeps them in the model dtype (no float32 round trip)."""
+    if not native or dtype == torch.float32:
+        return rope(positions, inv_freq, scale, dtype)
+    freqs = positions[..., None].float() * inv_freq.float()
+    return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: bool) -> torch.Tensor:
+    if not native or x.dtype == torch.float32:
+        return apply_rope(x, cos, sin)
+    b, t, h, d = x.shape
+    flat = torch.onnx.ops.rotary_embedding(x.reshape(b, t, h * d), cos, sin, num_heads=h)
+    return flat.reshape(b, t, h, d)
+
+
+class StepGraph(nn.Module):
+    """forward(tokens, length, depth, ancestors, retrieve, tree_indices, *caches) in contract order."""
+
+    def __init__(self, graph: MedusaGraph, capacity: int, native: bool = False, draft: bool = True):
+        super().__init__()
+        self.medusa, self.capacity, self.native, self.draft = graph, capacity, native, draft
+        dec = graph.decoder
+        self.family = dec.cfg.family
+        self.gemma = self.family == "gemma3_text"
+
+    # -- the decoder over the tree nodes, attending to [cache ; new] -------------------------------------
+    def _masks(self, length, positions, ancestors, dtype):
+        cfg = self.medusa.decoder.cfg
+        n, cap = positions.shape[0], self.capacity
+        slots = torch.arange(cap, dtype=torch.int64)
+        allowed = torch.cat(((slots[None, :] < length[:, None]).expand(n, cap), ancestors), dim=1)  # [N, S]
+        low = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+        zero = torch.tensor(0.0, dtype=dtype)
+        full = torch.where(allowed, zero, low)[None, None]
+        if not cfg.has_sliding:
+            return full, None
+        key_pos = torch.cat((slots, positions))
+        near = (positions[:, None] - key_pos[None, :]) < cfg.sliding_window
+        return full, torch.where(allowed & near, zero, low)[None, None]
+
+    def _decoder(self, tokens, positions, masks, caches):
+        """Final-normed hidden states [1, N, C] and the N nodes' new (k, v) per layer [1, N, KV, D]."""
+        dec, native = self.medusa.decoder, self.native
+        cfg, m = dec.cfg, dec.hf.model
+        n = tokens.shape[0]
+        eps = dec.eps
+        off = 1.0 if self.gemma else 0.0
+        x = F.embedding(tokens[None], m.embed_tokens.weight)
+        pos = positions[None]
+        if self.gemma:
+            x = x * torch.tensor(dec.embed_scale, dtype=x.dtype)
+            ropes = {
+                True: _cos_sin(pos, dec.inv_freq_sliding, 1.0, x.dtype, native),
+                False: _cos_sin(pos, dec.inv_freq_full, 1.0, x.dtype, native),
+            }
+        else:
+            both = _cos_sin(pos, dec.inv_freq, dec.rope_scale, x.dtype, native)
+            ropes = {True: both, False: both}
+        scaling = dec.scaling if self.gemma else cfg.head_dim**-0.5
+        kvd = cfg.num_kv_heads * cfg.head_dim
+        new_kv = []
+        for i, layer in enumerate(m.layers):
+            a = layer.self_attn
+            cos, sin = ropes[cfg.sliding_layers[i]]
+            h = _rms(x, layer.input_layernorm.weight, eps, off, native)
+            q = a.q_proj(h).view(1, n, cfg.num_heads, cfg.head_dim)
+            k = a.k_proj(h).view(1, n, cfg.num_kv_heads, cfg.head_dim)
+            v = a.v_proj(h).view(1, n, cfg.num_kv_heads, cfg.head_dim)
+            if self.gemma:
+                q = _rms(q, a.q_norm.weight, eps, 1.0, native)
+                k = _rms(k, a.k_norm.weight, eps, 1.0, native)
+            q, k = _rope(q, cos, sin, native), _rope(k, cos, sin, native)
+            new_kv.append((k, v))
+            ck, cv = caches[2 * i], caches[2 * i + 1]
+            k_all = torch.cat((ck.reshape(1, self.capacity, kvd), k.reshape(1, n, kvd)), dim=1)
+            v_all = torch.cat((cv.reshape(1, self.capacity, kvd), v.reshape(1, n, kvd)), dim=1)
+            mask = masks[1] if cfg.sliding_layers[i] else masks[0]
+            attn = torch.onnx.ops.attention(
+                q.reshape(1, n, cfg.num_heads * cfg.head_dim),
+                k_all,
+                v_all,
+                mask,
+                q_num_heads=cfg.num_heads,
+                kv_num_heads=cfg.num_kv_heads,
+                scale=scaling,
+            )[0]
+            attn = a.o_proj(attn)
+            if self.gemma:
+                x = x + _rms(attn, layer.post_attention_layernorm.weight, eps, 1.0, native)
+                h = _rms(x, layer.pre_feedforward_layernorm.weight, eps, 1.0, native)
+                mlp = layer.mlp
+                if native:
+                    gate = F.gelu(mlp.gate_proj(h), approximate="tanh")
+                else:
+                    gate = F.gelu(mlp.gate_proj(h).float(), approximate="tanh").to(h.dtype)
+                h = mlp.down_proj(gate * mlp.up_proj(h))
+                x = x + _rms(h, layer.post_feedforward_layernorm.weight, eps, 1.0, native)
+            else:
+                x = x + attn
+                h = _rms(x, layer.post_attention_layernorm.weight, eps, 0.0, native)
+                x = x + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+        return _rms(x, m.norm.weight, eps, off, native), new_kv
+
+    # -- the draft of the next tree at one row ----------------------------------------------------------
+    def _draft(self, hidden_row: torch.Tensor) -> torch.Tensor:
+        """The heads' top-k token ids [K, topk] at one final-normed hidden row [1, C]."""
+        g = self.medusa
+        states = g.heads.head_states(hidden_row)  # [K, 1, C]
+        if g.draft_ids is not None:
+            k, _, c = states.shape
+            flat = states.reshape(k if g.draft_weight.shape[0] > 1 else 1, -1, c)
+            medusa = torch.matmul(flat, g.draft_weight.transpose(1, 2)).reshape(k, -1)
+        elif g.heads.shared_lm_head:
+            medusa = g.decoder.project(states[:, 0])
+        else:
+            medusa = g.heads.logits(hidden_row)[:, 0]
+        top = torch.topk(medusa.float(), g.topk, dim=-1).indices  # [K, topk]
+        return g.draft_ids[top] if g.draft_ids is not None else top
+
+    def forward(self, tokens, length, depth, ancestors, retrieve, tree_indices, *caches):
+        dtype = caches[0].dtype
+        positions = length + depth  # [N]
+        masks = self._masks(length, positions, ancestors, dtype)
+        hidden, new_kv = self._decoder(tokens, positions, masks, caches)
+        argmax = torch.argmax(self.medusa.decoder.project(hidden[0]).float(), dim=-1)  # [N]
+
+        # greedy acceptance over the root-to-leaf paths, exactly acceptance.Greedy
+        # (small integer counts in float32, exact: float reductions and MatMul have CUDA kernels everywhere)
+        paths = torch.where(retrieve >= 0, retrieve, 0)  # [L, D+1]
+        ok = (retrieve[:, 1:] >= 0) & (tokens[paths[:, 1:]] == argmax[paths[:, :-1]])
+        ok = torch.cat((retrieve[:, :1] >= 0, ok), dim=1)  # the root is always accepted
+        span = torch.arange(ok.shape[1], dtype=torch.int64)
+        upto = (span[:, None] <= span[None, :]).float()  # [D+1, D+1]: column j sums rows 0..j
+        misses = torch.matmul((~ok).float(), upto)  # [L, D+1]: failures up to each depth
+        lengths = (misses == 0).float().sum(dim=1)  # [L]: accepted prefix of each path
+        order = torch.arange(lengths.shape[0], dtype=torch.int64).float()
+        first = torch.where(lengths == lengths.max(), order, float(2**24)).min()  # first longest path
+        # [1]-shaped picks (index_select), never 0-d data-dependent indexing: torch.export (2.11) cannot trace that
+        best = first.to(torch.int64).reshape(1)
+        count = lengths.index_select(0, best).to(torch.int64)  # [1] accepted nodes, root included = emitted
+        path = paths.index_select(0, best)[0]  # [D+1]
+        last = path.index_select(0, count - 1)  # [1]
+        root = argmax.index_select(0, last)  # [1]
+        steps = torch.arange(path.shape[0], dtype=torch.int64)
+        shifted = torch.cat((tokens.index_select(0, path[1:]), root))  # path candidates after the root, a pad
+        emitted = torch.where(steps == count - 1, root, torch.where(steps < count - 1, shifted, 0))
+        result = torch.cat((emitted, count, last))
+
+        # the accepted path's rows into the cache at slots length .. length + D
+        slots = length + steps
+        updated = []
+        for k, v in new_kv:
+            for new, cache in ((k, caches[len(updated)]), (v, caches[len(updated) + 1])):
+                updated.append(cache.index_copy(1, slots, new.index_select(1, path)))
+
+        if not self.draft:  # the plain-decoding variant: no heads, every node (the one root) gets the root
+            return (torch.zeros_like(tree_indices) + root, length + count, result, *updated)
+        draft = self._draft(hidden[0].index_select(0, last))  # [K, topk]
+        nxt = torch.cat((root, draft.reshape(-1)))[tree_indices]
+        return (nxt, length + count, result, *updated)
+
+
+def export_step(
+    graph: MedusaGraph,
+    path,
+    capacity: int,
+    kv_dtype: str,
+    torch_dtype,
+    native: bool = False,
+    draft: bool = True,
+) -> tuple[list, list]:
+    """Trace StepGraph(graph) to `path` (external data beside it); returns the (inputs, outputs) specs.
+    draft=False: the plain-decoding variant (step_plain.onnx, root-only tree): no heads projection."""
+    import onnx
+
+    from .onnx_export import _rename_dims
+
+    cfg = graph.decoder.cfg
+    inputs = contract.step_inputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, capacity)
+    outputs = contract.step_outputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, capacity)
+    step = StepGraph(graph, capacity, native, draft).eval()
+    args = sample_step_inputs(cfg, capacity, torch_dtype)
+    nodes, paths, plen = (torch.export.Dim(s, min=1, max=1024) for s in contract.STEP_SYMBOLS)
+    dims = {"nodes": nodes, "paths": paths, "path_len": plen}
+    shapes = [{i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} for s in inputs]
+    with torch.no_grad(), fused_onnx_ops(True):
+        program = torch.onnx.export(
+            step,
+            args,
+            dynamo=True,
+            opset_version=23,
+            input_names=[s.name for s in inputs],
+            output_names=[s.name for s in outputs],
+            dynamic_shapes=(*shapes[:6], tuple(shapes[6:])),
+            optimize=True,
+            verbose=False,
+        )
+    _rename_dims(program.model, inputs, outputs)
+    program.save(str(path), external_data=True)
+    onnx.checker.check_model(str(path), full_check=False)
+    return inputs, outputs
+
+
+def sample_step_inputs(cfg, capacity: int, torch_dtype) -> tuple:
+    """A 5-node tree, 2 paths of 4 nodes, at length 3: distinct sizes that specialise nothing."""
+    from medusa_runtime.tree import build_tree
+
+    tree = build_tree([[0], [1], [0, 0], [0, 0, 0]])
+    n = tree.num_nodes
+    kv = (1, capacity, cfg.num_kv_heads, cfg.head_dim)
+    caches = [torch.randn(kv).to(torch_dtype) for _ in range(2 * cfg.num_layers)]
+    return (
+        torch.randint(3, 100, (n,), dtype=torch.int64),
+        torch.tensor([3], dtype=torch.int64),
+        torch.from_numpy(tree.position_ids.copy()),
+        torch.from_numpy(tree.attention_mask.copy()),
+        torch.from_numpy(tree.retrieve_indices.copy()),
+        torch.arange(n, dtype=torch.int64),
+        *caches,
+    )
+
+
+def count_nodes(path) -> dict[str, int]:
+    """Node count per op type of an ONNX file (no weights loaded)."""
+    import collections
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def share_weights(step_path, model_path) -> int:
+    """Point step.onnx's external initializers at the identical bytes in model.onnx's data file, and
+    rewrite its own data file with only the rest (tree-free constants, draft weights). Returns the bytes
+    no longer stored twice. Both graphs trace the same parameters, so all but a few tensors match."""
+    import hashlib
+    from pathlib import Path
+
+    import onnx
+
+    step_path, model_path = Path(step_path), Path(model_path)
+    folder = step_path.parent
+
+    def external(tensor) -> dict | None:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return None
+        return {e.key: e.value for e in tensor.external_data}
+
+    def read(info: dict) -> bytes:
+        with open(folder / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return f.read(int(info["length"]))
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    known = {}
+    for t in model.graph.initializer:
+        info = external(t)
+        if info is not None:
+            known.setdefault((t.data_type, tuple(t.dims), hashlib.sha256(read(info)).digest()), info)
+    step = onnx.load(str(step_path), load_external_data=False)
+    own_name = step_path.name + ".data"
+    rest, shared = [], 0
+    for t in step.graph.initializer:
+        info = external(t)
+        if info is None:
+            continue
+        data = read(info)
+        match = known.get((t.data_type, tuple(t.dims), hashlib.sha256(data).digest()))
+        if match is not None:
+            entries = {
+                "location": match["location"],
+                "offset": match.get("offset", "0"),
+                "length": match["length"],
+            }
+            shared += len(data)
+        else:
+            rest.append((t, data))
+            continue
+        del t.external_data[:]
+        for key, value in entries.items():
+            t.external_data.add(key=key, value=str(value))
+    tmp = folder / (own_name + ".tmp")
+    with open(tmp, "wb") as f:
+        for t, data in rest:
+            f.write(b"\0" * (-f.tell() % 4096))
+            offset = f.tell()
+            f.write(data)
+            del t.external_data[:]
+            for key, value in (("location", own_name), ("offset", offset), ("length", len(data))):
+                t.external_data.add(key=key, value=str(value))
+    tmp.replace(folder / own_name)
+    onnx.save(step, str(step_path))
+    return shared

@@ -1,0 +1,91 @@
+"""Prompt lookup: candidate continuations copied from the context (prompt + generated so far), for the
+reserved lookup chains of a hybrid tree (tree.with_lookup). Numpy + stdlib only.
+
+Each step the last n tokens of the context (the root token included), n from MAX_NGRAM down to 1, are
+searched for earlier in the context; the tokens that followed an occurrence (the most recent first) fill one
+chain. A continuation that runs into the end of the context goes on as an overlapping copy (the repetition
+it has found repeats), so a match always fills its whole chain. Chains without a match are filled with the
+root token: any token is safe, because greedy acceptance keeps a candidate only when it equals the base
+model's own argmax; that filler is simply the likeliest useful one (a token that repeats).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .tree import TreeBuffers, TreeError, with_lookup
+
+MAX_NGRAM = 3  # longest suffix searched for
+SCAN = 8  # occurrences looked at per n-gram length, at most, when looking for distinct continuations
+
+LookupSpec = int | str | tuple[int, int] | None
+
+
+def parse_lookup(spec: LookupSpec) -> tuple[int, int]:
+    """(chains, length) from ``L`` (one chain of L tokens), ``"KxL"``, ``(K, L)``; None or 0 for none."""
+    if spec is None or spec == 0 or spec == "0" or spec == "":
+        return 0, 0
+    try:
+        if isinstance(spec, tuple):
+            chains, length = spec
+        elif isinstance(spec, str) and "x" in spec:
+            chains, length = (int(part) for part in spec.split("x"))
+        else:
+            chains, length = 1, int(spec)
+    except (TypeError, ValueError):
+        raise TreeError(f"lookup {spec!r} is not L (one chain of L tokens) or KxL (K chains)") from None
+    if isinstance(chains, bool) or isinstance(length, bool) or chains < 1 or length < 1:
+        raise TreeError(f"lookup {spec!r} needs at least one chain of at least one token")
+    return int(chains), int(length)
+
+
+def lookup_name(chains: int, length: int) -> str:
+    """The suffix a hybrid tree's name gets: '+lookup8' (one chain) or '+lookup2x8'."""
+    if not chains:
+        return ""
+    return f"+lookup{length}" if chains == 1 else f"+lookup{chains}x{length}"
+
+
+def add_lookup(name: str, tree: TreeBuffers, spec: LookupSpec) -> tuple[str, TreeBuffers]:
+    """The tree (and its name) with the lookup chains of ``spec`` appended; unchanged for no lookup."""
+    chains, length = parse_lookup(spec)
+    if not chains:
+        return name, tree
+    return name + lookup_name(chains, length), with_lookup(tree, chains, length)
+
+
+def _occurrences(ctx: np.ndarray, n: int) -> np.ndarray:
+    """Start positions i < len - n where ctx[i:i+n] equals the last n tokens, most recent first."""
+    last = len(ctx) - n
+    hits = np.ones(last, dtype=bool)
+    for j in range(n):
+        hits &= ctx[j : last + j] == ctx[last + j]
+    return np.flatnonzero(hits)[::-1]
+
+
+def propose(context: Sequence[int], chains: int, length: int, max_ngram: int = MAX_NGRAM) -> np.ndarray:
+    """[chains, length] int64: distinct continuations of the context's suffix found earlier in it, longer
+    suffix matches first, then the most recent; rows without a match hold the last token."""
+    out = np.empty((chains, length), dtype=np.int64)
+    if not chains:
+        return out
+    ctx = np.asarray(context, dtype=np.int64)
+    found: list[np.ndarray] = []
+    seen: set[bytes] = set()
+    for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
+        for start in _occurrences(ctx, n)[:SCAN]:
+            cont = np.resize(ctx[start + n :], length)  # an overlapping copy past the end of the context
+            key = cont.tobytes()
+            if key not in seen:
+                seen.add(key)
+                found.append(cont)
+            if len(found) == chains:
+                break
+        if len(found) == chains:
+            break
+    out[:] = ctx[-1]
+    for row, cont in enumerate(found):
+        out[row] = cont
+    return out

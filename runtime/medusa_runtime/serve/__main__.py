@@ -1,0 +1,5 @@
+"""`python -m medusa_runtime.serve DIR ...` is `medusa-serve DIR ...`."""
+
+from .server import main
+
+main()

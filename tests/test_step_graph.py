@@ -1,0 +1,122 @@
+"""The fused step graph (step.onnx, `--gpu-step`) on ONNX Runtime's CPU EP: the same tokens and steps as
+the host loop (decode.py over model.onnx) and as transformers' greedy output; the CUDA-graph path runs
+the same graph with the same bindings (scripts/gpu_step_probe.py measures it on the GPU host)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import PROMPTS, oracle_check
+from medusa_export.reference import hf_greedy
+from medusa_runtime.api import MedusaRuntime
+from medusa_runtime.errors import MedusaError
+
+STEP = "ort-cpu-step"
+
+
+@pytest.fixture(scope="module")
+def step_artifact(tmp_path_factory):
+    """Tiny artifacts with model.onnx + step.onnx (random:4 heads, max_seq 256): get(name) -> folder."""
+    from medusa_export.onnx_export import export_onnx
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = tmp_path_factory.mktemp("step") / name
+            cache[name] = export_onnx(name, "random:4", out, max_seq=256, quiet=True, gpu_step=True)
+        return cache[name]
+
+    return get
+
+
+def test_step_graph_is_in_the_artifact_with_fused_attention_and_on_device_commit(step_artifact):
+    from medusa_export.step_graph import count_nodes
+    from medusa_runtime import contract
+
+    folder = step_artifact("tiny-gemma3")
+    meta = json.loads((folder / "artifact.json").read_text())
+    assert meta["files"]["step"] == "step.onnx" and meta["step"]["capacity"] == 256
+    assert meta["files"]["step_plain"] == "step_plain.onnx"  # plain decoding: the step without the heads
+    assert "TopK" not in count_nodes(folder / "step_plain.onnx")
+    names = [s["name"] for s in meta["step"]["io"]["inputs"]]
+    assert names[:6] == [contract.STEP_TOKENS, contract.STEP_LENGTH, *contract.STEP_TREE]
+    ops = count_nodes(folder / "step.onnx")
+    assert ops["Attention"] == 2 and ops["ScatterND"] == 4 and ops["TopK"] == 1  # 2 layers, K and V
+    assert "Softmax" not in ops and sum(ops.values()) < 260
+    # the weights are stored once: step.onnx points at model.onnx.data for every tensor both graphs share
+    assert (folder / "step.onnx.data").stat().st_size < 0.3 * (folder / "model.onnx.data").stat().st_size
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])
+@pytest.mark.parametrize("tree", ["tree16", "mc_sim_7b_63", None])
+def test_fused_steps_equal_the_host_loop_and_base_greedy(tiny_base, step_artifact, name, tree):
+    """Same tokens AND the same accepted path each step (so the in-graph draft equals the host's)."""
+    folder = step_artifact(name)
+    host = MedusaRuntime.open(folder, tree=tree or "tree8", medusa=tree is not None)
+    fused = MedusaRuntime.open(folder, backend=STEP, tree=tree or "tree8", medusa=tree is not None)
+    for prompt in PROMPTS:
+        ids = host.encode(prompt)
+        a, b = host.generate(ids, 30), fused.generate(ids, 30)
+        assert b.token_ids == a.token_ids == hf_greedy(tiny_base(name), ids, 30).tokens
+        assert [s.path for s in b.steps] == [s.path for s in a.steps]
+
+
+@pytest.mark.parametrize("tree", ["tree8", "mc_sim_7b_63"])
+def test_fused_oracle_heads_accept_several_tokens_and_stay_exact(tiny_base, step_artifact, tree):
+    """Oracle drafts (tests/conftest.py): full, partial and non-first acceptance, all on the device."""
+    rt = MedusaRuntime.open(step_artifact("tiny-gemma3"), backend=STEP, tree=tree)
+    kinds, mean = oracle_check(rt, tiny_base("tiny-gemma3"), PROMPTS, 40)
+    assert {"full", "partial", "non-first"} <= kinds, kinds
+    assert mean > 1.5
+
+
+def test_long_prompt_crosses_the_sliding_window_many_times(tiny_base, step_artifact):
+    """tiny-gemma3's window is 8: a 130-token prompt and 60 new tokens (max_seq 256 with a 64-node tree),
+    oracle drafts (multi-token steps)."""
+    rt = MedusaRuntime.open(step_artifact("tiny-gemma3"), backend=STEP, tree="mc_sim_7b_63")
+    prompt = " ".join(PROMPTS)[:130]
+    assert len(rt.encode(prompt)) == 130
+    kinds, mean = oracle_check(rt, tiny_base("tiny-gemma3"), [prompt], 60, seed=7)
+    assert "full" in kinds and mean > 1.5
+
+
+def test_inplace_cache_equals_ping_pong_caches(step_artifact):
+    folder = step_artifact("tiny-gemma3")
+    a = MedusaRuntime.open(folder, backend=STEP, tree="tree16")
+    b = MedusaRuntime.open(folder, backend=STEP, tree="tree16", inplace=False)
+    for prompt in PROMPTS[:2]:
+        assert a.generate(prompt, 30).token_ids == b.generate(prompt, 30).token_ids
+
+
+def test_two_trees_and_repeated_requests_on_one_backend(step_artifact):
+    """Runners per tree share the backend's cache; a new prefill restarts cleanly."""
+    from medusa_runtime.tree import build_tree
+
+    folder = step_artifact("tiny-gemma3")
+    host = MedusaRuntime.open(folder, tree="tree16")
+    fused = MedusaRuntime.open(folder, backend=STEP, tree="tree16")
+    want = [host.generate(p, 20).token_ids for p in PROMPTS]
+    assert [fused.generate(p, 20).token_ids for p in PROMPTS] == want
+    fused.tree = build_tree([[0], [0, 0]])
+    assert [fused.generate(p, 20).token_ids for p in PROMPTS] == want
+
+
+def test_fused_backend_refusals(tiny_artifact, step_artifact):
+    from medusa_runtime.acceptance import Typical
+
+    with pytest.raises(MedusaError, match="--gpu-step"):
+        MedusaRuntime.open(tiny_artifact("tiny-gemma3"), backend=STEP)
+    rt = MedusaRuntime.open(step_artifact("tiny-gemma3"), backend=STEP, acceptance=Typical())
+    with pytest.raises(MedusaError, match="greedily"):
+        rt.generate(PROMPTS[0], 8)
+    rt = MedusaRuntime.open(step_artifact("tiny-gemma3"), backend=STEP, tree="tree16")
+    rt.backend.reset()
+    runner = rt.backend.runner(rt.tree)
+    rt.backend.length = rt.backend.capacity - 4
+    runner.start(np.zeros(rt.tree.num_nodes, np.int64))
+    with pytest.raises(MedusaError, match="KV cache full"):
+        runner.step()
