@@ -84,7 +84,7 @@ print('CUDA EP options: use_tf32 =', rt.backend.session.get_provider_options()['
       --lookup "${2:-2x8}" --per-category "${3:-8}" --max-new-tokens 64 --no-hf --out "$OUT/bench-lookup.json" 2>&1 \
       | tee "$OUT/bench-lookup.log" ;;
   serve)  # aggregate throughput of `medusa-export serve` at 1/4/16 concurrent streams (up to 8 workers). The host
-          # lacks the server's packages: stage them too (../shared/gpu-host/stage fastapi==0.165.0 starlette==1.10.0
+          # lacks the server's packages: stage them as wheels too (fastapi==0.165.0 starlette==1.10.0
           # uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-doc==0.0.7 annotated-types==0.8.0
           # typing-inspection==0.4.5 h11==0.16.0 anyio==4.16.0 httpx==0.28.1 httpcore==1.0.9 sniffio==1.3.1
           # opentelemetry-api==1.45.2: fastapi 0.165 imports it; the first GPU serve run failed without it)
