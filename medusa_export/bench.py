@@ -99,7 +99,7 @@ def bench(
     # with lookup chains: the same tree without them, on the same backend, to see what the lookup adds
     heads = None
     if chains:
-        heads_name, heads_tree = medusa.artifact.tree(tree)
+        heads_name, heads_tree = medusa.artifact.tree(tree, backend)
         heads = MedusaRuntime(
             medusa.backend, medusa.tokenizer, heads_tree, medusa.eos, medusa.window, tree_name=heads_name
         )
