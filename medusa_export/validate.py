@@ -140,11 +140,15 @@ def validate_plain(
     artifact); with `hf_rate`, also how often both agree with transformers' fp32 greedy decoding, and
     whether each divergence from it is a near-tie. True when Medusa = plain on every prompt."""
     from medusa_runtime.api import MedusaRuntime
+    from medusa_runtime.tree import build_tree
 
     from .prompts import read_prompts
 
     runtime = MedusaRuntime.open(folder, backend=backend, tree=tree, lookup=lookup)
-    plain = MedusaRuntime.open(folder, backend=backend, medusa=False)
+    # plain decoding on the same backend (one copy of the weights; the two never decode at once)
+    plain = MedusaRuntime(
+        runtime.backend, runtime.tokenizer, build_tree([]), runtime.eos, runtime.window, tree_name="plain"
+    )
     meta = runtime.artifact.meta
     scheme = (meta.get("weights") or {}).get("scheme", meta.get("dtype", "fp32"))
     rows = read_prompts(prompts, limit)

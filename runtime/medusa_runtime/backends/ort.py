@@ -30,10 +30,35 @@ def bind_token_inputs(io, input_ids, positions, masks, rows) -> None:
     io.bind_cpu_input("output_rows", np.ascontiguousarray(rows, dtype=np.int64))
 
 
-def cuda_provider_options(device_id: int = 0) -> dict[str, str]:
+def cuda_provider_options(device_id: int = 0, cuda_graph: bool = False) -> dict[str, str]:
     """CUDA EP options. TF32 off: ONNX Runtime would otherwise run float32 MatMul/GEMM in TF32, which
     breaks fp32 token identity with the reference (seen on an H200: 15/16 prompts); bf16 is unaffected."""
-    return {"device_id": str(device_id), "use_tf32": "0"}
+    opts = {"device_id": str(device_id), "use_tf32": "0"}
+    if cuda_graph:
+        opts["enable_cuda_graph"] = "1"
+    return opts
+
+
+def execution_providers(ort, device: str, kv_dtype: str, backend: str, cuda_graph: bool = False) -> list:
+    """The providers for a session on `device`, after checking that this onnxruntime and artifact can run there."""
+    if device == "cuda":
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise MedusaError(
+                f"backend {backend} needs onnxruntime-gpu with a CUDA device (pip install .[gpu])"
+            )
+        return [
+            ("CUDAExecutionProvider", cuda_provider_options(cuda_graph=cuda_graph)),
+            "CPUExecutionProvider",
+        ]
+    if device != "cpu":
+        raise MedusaError(f"unknown ONNX Runtime device {device!r}")
+    if kv_dtype == "bfloat16":
+        raise MedusaError(
+            f"ONNX Runtime's CPU EP has no bf16 kernels: run a bf16 artifact on a CUDA backend, not {backend}"
+        )
+    return ["CPUExecutionProvider"]
 
 
 class OrtBackend(Backend):
@@ -55,21 +80,7 @@ class OrtBackend(Backend):
         self.row_bytes = kv_heads * head_dim * contract.ITEMSIZE[self.kv_dtype]
         self.kv_tail = (kv_heads, head_dim)
 
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise MedusaError(
-                    "backend ort-cuda needs onnxruntime-gpu with a CUDA device (pip install .[gpu])"
-                )
-            providers = [("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"]
-        elif device != "cpu":
-            raise MedusaError(f"unknown ONNX Runtime device {device!r}")
-        elif self.kv_dtype == "bfloat16":
-            raise MedusaError(
-                "ONNX Runtime's CPU EP has no bf16 kernels: run a bf16 artifact on ort-cuda or trt"
-            )
+        providers = execution_providers(ort, device, self.kv_dtype, f"ort-{device}")
 
         def options(profile_prefix: str | None = None):
             opts = ort.SessionOptions()

@@ -21,7 +21,7 @@ import numpy as np
 from .. import contract
 from ..errors import MedusaError
 from .base import Backend, StepOutput
-from .ort import bind_token_inputs
+from .ort import bind_token_inputs, execution_providers
 
 _NUMPY = {"int64": np.int64, "bool": np.bool_}
 LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
@@ -78,17 +78,9 @@ class OrtStepBackend(Backend):
         self.row_bytes = m["num_kv_heads"] * m["head_dim"] * contract.ITEMSIZE[self.kv_dtype]
         self.cuda_graph = (device == "cuda") if cuda_graph is None else cuda_graph
         self.inplace, self.threads, self.max_nodes = inplace, threads, max_nodes
-        if device == "cuda":
-            if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise MedusaError("backend ort-cuda-graph needs onnxruntime-gpu with a CUDA device")
-        elif device != "cpu":
-            raise MedusaError(f"unknown ONNX Runtime device {device!r}")
-        elif self.kv_dtype == "bfloat16":
-            raise MedusaError(
-                "ONNX Runtime's CPU EP has no bf16 kernels: run a bf16 artifact on ort-cuda-graph"
-            )
+        execution_providers(
+            ort, device, self.kv_dtype, "ort-cuda-graph" if device == "cuda" else "ort-cpu-step"
+        )
         if self.cuda_graph and device != "cuda":
             raise MedusaError("CUDA graphs need the CUDA EP")
         try:
@@ -109,12 +101,7 @@ class OrtStepBackend(Backend):
 
     # -- sessions and buffers ----------------------------------------------------------------------------
     def _providers(self, graph: bool) -> list:
-        if self.device == "cpu":
-            return ["CPUExecutionProvider"]
-        opts = {"device_id": "0", "use_tf32": "0"}  # TF32 off: fp32 stays exact
-        if graph:
-            opts["enable_cuda_graph"] = "1"
-        return [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+        return execution_providers(self.ort, self.device, self.kv_dtype, "", cuda_graph=graph)
 
     def _options(self, dims: dict[str, int] | None = None):
         opts = self.ort.SessionOptions()
