@@ -4,6 +4,8 @@ Input and output order follow medusa_runtime.contract. Base and head projections
 the stacked [1 + K, B, R, C] states when the heads share the lm_head. With a draft vocabulary (the N
 most frequent token ids), the heads project onto those N rows only and their top-k is mapped back to
 full-vocabulary ids in the graph: verification still uses the full vocabulary, so outputs are unchanged.
+The heads' top-k over a full vocabulary is taken in stages (`topk_ids`): one top-k over 262k columns runs
+as one CUDA block per row in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -13,6 +15,36 @@ from torch import nn
 
 from .heads import MedusaHeads
 from .models.common import ExplicitDecoder
+
+TOPK_CHUNK = 256  # ONNX Runtime's CUDA TopK sorts a row of up to 256 in one block (bitonic); longer
+# rows get one block each for a multi-pass radix select: ~2 ms for 4 rows of 262,144 on an H200
+
+
+def topk_ids(x: torch.Tensor, k: int, chunk: int = TOPK_CHUNK, staged_above: int = 4096) -> torch.Tensor:
+    """Indices of the k largest along the last axis, sorted, ties to the lower index (as one TopK).
+
+    Rows longer than `staged_above` go in stages: the top-k of every `chunk` columns (padded with -inf),
+    then the top-k of those, until one chunk is left. Equal values keep their index order through every
+    stage (chunks in column order, each sorted with ties to the lower index), so the result is the
+    single TopK's, and each stage spreads over (rows x chunks) blocks instead of one block per row.
+    """
+    if x.shape[-1] <= staged_above or k > chunk:
+        return torch.topk(x, k, dim=-1).indices
+    index = None  # [..., M]: the column of x that each entry of the current stage came from
+    while x.shape[-1] > chunk:
+        width = x.shape[-1]
+        pad = -width % chunk
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad), value=float("-inf"))
+            if index is not None:
+                index = torch.nn.functional.pad(index, (0, pad), value=0)
+        top = torch.topk(x.unflatten(-1, (-1, chunk)), k, dim=-1)  # [..., chunks, k]
+        offsets = torch.arange(0, x.shape[-1], chunk, dtype=torch.int64)[:, None]
+        picked = (top.indices + offsets).flatten(-2)  # [..., chunks * k] positions in this stage's x
+        index = picked if index is None else torch.gather(index, -1, picked)
+        x = top.values.flatten(-2)
+    best = torch.topk(x, k, dim=-1).indices
+    return torch.gather(index, -1, best)
 
 
 class MedusaGraph(nn.Module):
@@ -42,7 +74,7 @@ class MedusaGraph(nn.Module):
         hidden, new_kv = self.decoder(input_ids, position_ids, attention_mask, sliding_mask, past)
         logits, medusa = self.project(hidden.index_select(1, output_rows))  # [B,R,V], [K,B,R,V or N]
         next_tokens = torch.argmax(logits, dim=-1)  # [B, R]
-        medusa_topk = torch.topk(medusa, self.topk, dim=-1).indices  # [K, B, R, topk]
+        medusa_topk = topk_ids(medusa, self.topk)  # [K, B, R, topk]
         if self.draft_ids is not None:
             medusa_topk = self.draft_ids[medusa_topk]  # back to full-vocabulary ids
         return (logits, medusa, next_tokens, medusa_topk, *[t for kv in new_kv for t in kv])

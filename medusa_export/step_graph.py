@@ -33,7 +33,7 @@ from torch import nn
 
 from medusa_runtime import contract
 
-from .graph import MedusaGraph
+from .graph import MedusaGraph, topk_ids
 from .models.common import apply_rope, fused_onnx_ops, rms_norm, rope
 
 STEP_FILE = "step.onnx"
@@ -168,7 +168,7 @@ class StepGraph(nn.Module):
             medusa = g.decoder.project(states[:, 0])
         else:
             medusa = g.heads.logits(hidden_row)[:, 0]
-        top = torch.topk(medusa.float(), g.topk, dim=-1).indices  # [K, topk]
+        top = topk_ids(medusa.float(), g.topk)  # [K, topk]
         return g.draft_ids[top] if g.draft_ids is not None else top
 
     def forward(self, tokens, length, depth, ancestors, retrieve, tree_indices, *caches):

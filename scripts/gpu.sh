@@ -2,7 +2,8 @@
 # The GPU-host runs behind README/BENCHMARKS.md figures. The host needs onnxruntime-gpu, gguf and the model
 # staged onto it first (this workplace stages them as wheels; elsewhere: pip install -e ".[gpu]").
 # Run from the repo root on the GPU host after the staged wheels are installed into /tmp/site:
-#   bash scripts/gpu.sh SUBCOMMAND [options]; this round: prepare, validate-fp32, step, speed, lookup, serve   (logs and results go to $OUT)
+#   bash scripts/gpu.sh SUBCOMMAND [options]; this round: prepare, validate-fp32, validate-lookup, step, speed,
+#   lookup, serve   (logs and results go to $OUT)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD:$PWD/runtime HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -67,29 +68,37 @@ print('CUDA EP options: use_tf32 =', rt.backend.session.get_provider_options()['
       cli validate "$ART/gemma3-270m-fp32-step" --prompts "$PROMPTS" --backend $b --limit "${2:-48}" \
         --max-new-tokens 64 2>&1 | tee "$OUT/validate-fp32-$b.log" | tail -3 || true
     done ;;
-  step)  # per-step table: plain, 16/32/64 nodes; host loop vs fused vs fused + CUDA graph; kernels, host time, nodes
-    for d in bf16 fp32; do
+  validate-lookup)  # fp32 token identity of heads + prompt-lookup chains on the fused CUDA-graph step
+    cli validate "$ART/gemma3-270m-fp32-step" --prompts "$PROMPTS" --backend ort-cuda-graph --lookup "${2:-2x8}" \
+      --limit "${3:-48}" --max-new-tokens 64 2>&1 | tee "$OUT/validate-lookup-fp32.log" | tail -3 || true ;;
+  step)  # per-step table: plain, 16/32/64 nodes; host loop vs fused vs fused + CUDA graph; kernels (costliest by
+         # name), host time, nodes; DTYPES="bf16 fp32" by default
+    for d in ${DTYPES:-bf16 fp32}; do
       python3 scripts/gpu_step_probe.py "$ART/gemma3-270m-$d-step" --out "$OUT/step-probe-$d.json" "${@:2}" 2>&1 \
         | grep -v "ScatterND with reduction\|No registered plugin EP" | tee "$OUT/step-probe-$d.log"
     done ;;
-  speed)  # the headline: Medusa and plain on the fused step + CUDA graph vs ONNX Runtime GenAI with CUDA graphs
-          # (its own builder, bf16), same prompt ids, interleaved, median of 3 runs; then acceptance per category
+  speed)  # the headline: Medusa (heads; heads + lookup 2x8) and plain on the fused step + CUDA graph vs ONNX Runtime
+          # GenAI with CUDA graphs (its own builder, bf16), same prompt ids, interleaved, median of 3 runs; then
+          # acceptance per category
     python3 scripts/peers.py "$ART/gemma3-270m-bf16-step" --prompts "$PROMPTS" --per-category 2 --max-new-tokens 96 \
-      --runs 3 --device cuda --backend ort-cuda-graph --tree "$TREE" --cuda-graph --systems medusa,plain,genai \
+      --runs 3 --device cuda --backend ort-cuda-graph --tree "$TREE" --cuda-graph --systems medusa,lookup,plain,genai \
+      --lookup 2x8 \
       --work /tmp/peers --out "$OUT/peers-gpu.json" 2>&1 | tee "$OUT/peers-gpu.log" || true
     cli bench "$ART/gemma3-270m-bf16-step" --prompts "$PROMPTS" --backend ort-cuda-graph --tree "$TREE" \
       --per-category 2 --max-new-tokens 96 --runs 3 --no-hf --out "$OUT/bench-graph.json" 2>&1 | tee "$OUT/bench-graph.log" ;;
-  lookup)  # heads + prompt lookup, N prompts per category (host loop: the fused step has no lookup slots yet)
-    cli bench "$ART/gemma3-270m-bf16-step" --prompts "$PROMPTS" --backend ort-cuda --tree "$TREE" \
-      --lookup "${2:-2x8}" --per-category "${3:-8}" --max-new-tokens 64 --no-hf --out "$OUT/bench-lookup.json" 2>&1 \
+  lookup)  # heads + prompt lookup on the fused CUDA-graph step: L, then prompts per category (default: all 240)
+    per=$([ -n "${3:-}" ] && echo "--per-category $3" || true)
+    cli bench "$ART/gemma3-270m-bf16-step" --prompts "$PROMPTS" --backend ort-cuda-graph --tree "$TREE" \
+      --lookup "${2:-2x8}" $per --max-new-tokens 64 --no-hf --out "$OUT/bench-lookup.json" 2>&1 \
       | tee "$OUT/bench-lookup.log" ;;
   serve)  # aggregate throughput of `medusa-export serve` at 1/4/16 concurrent streams (up to 8 workers). The host
           # lacks the server's packages: stage them as wheels too (fastapi==0.165.0 starlette==1.10.0
           # uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-doc==0.0.7 annotated-types==0.8.0
           # typing-inspection==0.4.5 h11==0.16.0 anyio==4.16.0 httpx==0.28.1 httpcore==1.0.9 sniffio==1.3.1
+          # idna==3.20 certifi==2026.10.19.post1 typing_extensions==4.16.0
           # opentelemetry-api==1.45.2: fastapi 0.165 imports it; the first GPU serve run failed without it)
     python3 scripts/serve_load.py "$ART/gemma3-270m-bf16-step" --backend "${2:-ort-cuda-graph}" \
       --concurrency 1,4,16 --requests 8 --max-tokens 64 --max-workers 8 --long-tokens 1500 \
       --out "$OUT/serve-load.json" 2>&1 | tee "$OUT/serve-load.log" ;;
-  *) echo "usage: $0 train|export|validate|bench NAME|profile|prepare|validate-fp32 [N]|step|speed|lookup [L]|serve [BACKEND]" >&2; exit 2 ;;
+  *) echo "usage: $0 train|export|validate|bench NAME|profile|prepare|validate-fp32 [N]|validate-lookup [L] [N]|step|speed|lookup [L] [PER_CATEGORY]|serve [BACKEND]" >&2; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ fused step replayed from a captured CUDA graph (`ort-cuda-graph`), and that with
 instead of one updated in place (does ScatterND skip its full-cache copy when aliased?). Each is timed per step of its decode
 generator (host work included: what a user waits for), median over --steps steps after --warmup, on a
 Spec-Bench prompt, heads' own drafts. With torch + CUPTI on the machine, a profiled stretch gives the
-kernels per step and their summed GPU time; host = wall - GPU busy. Node counts: the ONNX file's and the
+kernels per step and their summed GPU time (and the costliest kernel names); host = wall - GPU busy. Node counts: the ONNX file's and the
 graph ONNX Runtime runs after its fusions. First it checks that all three give the same tokens.
 Prints a table last (and writes --out as JSON).
 """
@@ -61,20 +61,32 @@ def timed_steps(kind, backend, ids, tree, window, warmup, steps, profile):
         step = next(gen)
         times.append(time.perf_counter() - t)
         tokens += step.tokens
-    kernels = gpu = None
+    kernels = gpu = top = None
     if profile:
-        kernels, gpu = profiled(gen, 20)
+        kernels, gpu, top = profiled(gen, 20)
     gen.close()
-    return statistics.median(times), len(tokens) / (warmup + steps), kernels, gpu
+    return statistics.median(times), len(tokens) / (warmup + steps), kernels, gpu, top
+
+
+def by_name(kernels, n: int, keep: int = 12) -> list[tuple[str, float, float]]:
+    """The `keep` costliest kernel names: (name, launches per step, GPU microseconds per step)."""
+    totals: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = totals.setdefault(e.name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:keep]
+    return [(name, count / n, us / n) for name, (count, us) in ranked]
 
 
 def profiled(gen, n: int):
-    """(kernels per step, GPU kernel seconds per step) over n steps, through torch's CUPTI profiler."""
+    """(kernels per step, GPU kernel seconds per step, costliest kernel names) over n steps, through
+    torch's CUPTI profiler."""
     try:
         import torch
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
-        return None, None
+        return None, None, None
     try:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(n):
@@ -82,10 +94,10 @@ def profiled(gen, n: int):
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.device_time for e in kernels) * 1e-6  # us -> s (overlaps ignored: one stream)
-        return len(kernels) / n, busy / n
+        return len(kernels) / n, busy / n, by_name(kernels, n)
     except Exception as exc:  # CUPTI unavailable, profiler errors
         print(f"  (no kernel profile: {str(exc).splitlines()[0][:120]})", flush=True)
-        return None, None
+        return None, None, None
 
 
 def ort_nodes(art: Artifact, tree, device: str) -> tuple[int, int]:
@@ -206,7 +218,7 @@ def main() -> None:
             profile = args.device == "cuda" and not args.no_profile
             try:
                 b = open_backend(backend_name, art, max_nodes=tree.num_nodes, **opts)
-                wall, per_step, kernels, gpu = timed_steps(
+                wall, per_step, kernels, gpu, top = timed_steps(
                     "host" if label == "host" else "fused",
                     b,
                     ids,
@@ -230,9 +242,12 @@ def main() -> None:
                 "gpu_ms_per_step": None if gpu is None else gpu * 1e3,
                 "host_ms_per_step": None if gpu is None else (wall - gpu) * 1e3,
                 "graph_nodes": None if label == "host" else f"{onnx_nodes} onnx / {ran} ort",
+                "top_kernels": top,
             }
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+            for kname, count, us in top or []:
+                print(f"    {us:8.1f} us {count:5.1f}x  {kname}", flush=True)
             del b
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -3,7 +3,7 @@ Runtime GenAI (int4 on the CPU, bf16 on CUDA) and llama.cpp on the GGUF file its
 
     python scripts/peers.py ARTIFACT --prompts data/specbench_dev.jsonl [--per-category 1 | --limit N]
         [--min-prompt-tokens 600] [--max-new-tokens 64] [--runs 3] [--threads 2]
-        [--systems medusa,plain,genai,llamacpp] [--device cpu|cuda] [--cuda-graph] [--install]
+        [--systems medusa,lookup,plain,genai,llamacpp] [--lookup 2x8] [--device cpu|cuda] [--cuda-graph] [--install]
         [--work DIR] [--out FILE.json]
 
 Every system gets the same prompt token ids (the artifact's tokenizer, BOS included) and generates exactly
@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
-SYSTEMS = ("medusa", "plain", "genai", "llamacpp")
+SYSTEMS = ("medusa", "lookup", "plain", "genai", "llamacpp")  # lookup: Medusa + prompt-lookup chains
 INSTALL = {
     "genai": {"cpu": ["onnxruntime-genai"], "cuda": ["onnxruntime-genai-cuda"]},
     "llamacpp": {"cpu": ["llama-cpp-python"], "cuda": ["llama-cpp-python"]},
@@ -149,12 +149,16 @@ def build_genai_model(hf: Path, work: Path, device: str, max_length: int) -> Pat
 
 
 class _Medusa:
-    def __init__(self, artifact: str, medusa: bool, backend: str, threads: int, tree: str | None):
+    def __init__(
+        self, artifact: str, medusa: bool, backend: str, threads: int, tree: str | None, lookup=None
+    ):
         from medusa_runtime.api import MedusaRuntime
 
         opts = {"threads": threads} if backend == "ort-cpu" and threads else {}
         start = time.perf_counter()
-        self.rt = MedusaRuntime.open(artifact, backend=backend, medusa=medusa, tree=tree, **opts)
+        self.rt = MedusaRuntime.open(
+            artifact, backend=backend, medusa=medusa, tree=tree, lookup=lookup, **opts
+        )
         self.open_s = time.perf_counter() - start
         self.rt.eos = set()  # every system generates exactly max_new_tokens
 
@@ -217,9 +221,10 @@ def worker(conn, system: str, spec: dict) -> None:
     if spec.get("threads"):
         os.environ["OMP_NUM_THREADS"] = str(spec["threads"])
     try:
-        if system in ("medusa", "plain"):
+        if system in ("medusa", "lookup", "plain"):
+            lookup = spec["lookup"] if system == "lookup" else None
             impl = _Medusa(
-                spec["artifact"], system == "medusa", spec["backend"], spec["threads"], spec["tree"]
+                spec["artifact"], system != "plain", spec["backend"], spec["threads"], spec["tree"], lookup
             )
         elif system == "genai":
             impl = _GenAI(spec["genai_dir"], spec["device"], spec["cuda_graph"], spec["threads"])
@@ -283,6 +288,7 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--backend", default=None, help="Medusa/plain runtime backend (default: by --device)")
     ap.add_argument("--tree", default=None, help="Medusa tree (default: the artifact's for the device)")
+    ap.add_argument("--lookup", default="2x8", help="the lookup system's prompt-lookup chains: L or KxL")
     ap.add_argument("--cuda-graph", action="store_true", help="GenAI on CUDA: enable_cuda_graph")
     ap.add_argument("--install", action="store_true", help="pip-install missing peers")
     ap.add_argument("--work", default=None, help="where peer models are built (default: the cache)")
@@ -313,6 +319,7 @@ def main() -> None:
         "backend": backend,
         "threads": args.threads if args.device == "cpu" else 0,
         "tree": args.tree,
+        "lookup": args.lookup,
         "device": args.device,
         "cuda_graph": args.cuda_graph,
         "first_ids": prompts[0][1],
@@ -414,9 +421,10 @@ def main() -> None:
             f"{e['tokens_per_s_p25_p75'][1]:.1f}), peak RSS {e['peak_rss_mib']:.0f} MiB{extra}{eq}"
         )
     med = {s: e["tokens_per_s_median"] for s, e in summary["systems"].items()}
-    for peer in ("plain", "genai", "llamacpp"):
-        if "medusa" in med and peer in med:
-            print(f"  medusa / {peer}: {med['medusa'] / med[peer]:.2f}x")
+    for ours in ("medusa", "lookup"):
+        for peer in ("plain", "genai", "llamacpp"):
+            if ours in med and peer in med:
+                print(f"  {ours} / {peer}: {med[ours] / med[peer]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -120,3 +120,26 @@ def test_fused_backend_refusals(tiny_artifact, step_artifact):
     runner.start(np.zeros(rt.tree.num_nodes, np.int64))
     with pytest.raises(MedusaError, match="KV cache full"):
         runner.step()
+
+
+@pytest.mark.parametrize("tree,lookup", [("tree8", "2x4"), (None, 6)])
+def test_fused_lookup_chains_equal_the_host_loop(tiny_base, step_artifact, tree, lookup):
+    """Hybrid trees (heads + prompt-lookup chains) and plain + lookup on the fused step: the host fills the
+    lookup nodes between graph runs; tokens, paths and sources equal the host loop's, the lookup accepts
+    on a prompt that repeats itself, and the output is the base model's greedy."""
+    folder = step_artifact("tiny-gemma3")
+    opts = dict(tree=tree or "tree8", medusa=tree is not None, lookup=lookup)
+    host, fused = MedusaRuntime.open(folder, **opts), MedusaRuntime.open(folder, backend=STEP, **opts)
+    assert fused.tree.lookup_chains
+    base = tiny_base("tiny-gemma3")
+    from_lookup = 0
+    for prompt in PROMPTS[:2]:
+        ids = host.encode(prompt)
+        ids = ids + ids + ids  # a repeated prompt: what lookup finds
+        a, b = host.generate(ids, 40), fused.generate(ids, 40)
+        assert b.token_ids == a.token_ids == hf_greedy(base, ids, 40).tokens
+        assert [(s.path, s.source, len(s.tokens)) for s in b.steps] == [
+            (s.path, s.source, len(s.tokens)) for s in a.steps
+        ]
+        from_lookup += sum(len(s.tokens) - 1 for s in b.steps if s.source == "lookup")
+    assert from_lookup > 0

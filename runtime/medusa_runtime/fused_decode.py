@@ -4,7 +4,8 @@ prefill (model.onnx) -> the first tree from the prefill's draft, uploaded once -
 accept, commit the path's KV, draft the next tree, all on the device] ... Per step the host reads only
 the emitted tokens (and the last accepted node, for Step.path). Yields the same Step objects as
 decode.decode, and the same tokens (greedy Medusa == greedy plain == the base model's greedy output).
-A drafter (tests: an oracle) replaces the graph's own draft by uploading its tree each step.
+A drafter (tests: an oracle) replaces the graph's own draft by uploading its tree each step. A hybrid tree's
+lookup chains are filled on the host from the context after each step (the graph drafts the heads' nodes).
 """
 
 from __future__ import annotations
@@ -13,13 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .decode import Drafter, Step, candidates, prefill
-from .tree import TreeBuffers
-
-
-def first_tree(tree: TreeBuffers, root: int, draft: np.ndarray) -> np.ndarray:
-    """Token of every node [N] from the root and the heads' top-k [K, topk] (fused trees have no lookup)."""
-    return candidates(tree, root, draft, np.empty((0, 0), dtype=np.int64))
+from .decode import Drafter, Step, candidates, lookup, prefill
 
 
 def decode(
@@ -34,11 +29,14 @@ def decode(
     yield Step([token], ())
     if drafter is not None:
         draft = drafter(context, draft)
-    runner.start(first_tree(tree, token, draft))
+    runner.start(candidates(tree, token, draft, lookup(tree, context)))
     shape = out.medusa_topk[:, -1].shape
     while True:
         emitted, last = runner.step()
         context += emitted
         yield Step(emitted, tree.path(last), tree.source(last))
         if drafter is not None:
-            runner.set_tokens(first_tree(tree, emitted[-1], drafter(context, np.zeros(shape, np.int64))))
+            draft = drafter(context, np.zeros(shape, np.int64))
+            runner.set_tokens(candidates(tree, emitted[-1], draft, lookup(tree, context)))
+        elif tree.lookup_chains:
+            runner.fill_lookup(lookup(tree, context))

@@ -11,7 +11,8 @@ writes the next step's tokens and length into the other set, so each binding (CU
 same addresses every time. The cache is updated in place by default (the graph's ScatterND output is
 bound to its input's buffer: ONNX Runtime's ScatterND skips its input copy when the two coincide, and it
 runs after every read of that cache); `inplace=False` ping-pongs two caches instead (a full copy per step).
-Per step only the packed result (emitted tokens, their count, the last accepted node) crosses to the host.
+Per step only the packed result (emitted tokens, their count, the last accepted node) crosses to the host;
+with prompt-lookup chains in the tree, also the next step's N tokens, to put the lookup's over its nodes.
 """
 
 from __future__ import annotations
@@ -29,24 +30,28 @@ LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
 
 def step_tree_inputs(tree, num_heads: int, topk: int) -> dict[str, np.ndarray]:
     """The step graph's tree constants for `tree`; its tree_indices re-indexed into the graph's flat
-    draft [root, head 0 top-`topk`, ..., head K-1 top-`topk`] (the tree's own top-k may be smaller)."""
-    if tree.lookup_chains:
-        raise MedusaError(
-            "the fused step graph drafts from the heads only: trees with lookup chains need ort-*"
-        )
+    draft [root, head 0 top-`topk`, ..., head K-1 top-`topk`] (the tree's own top-k may be smaller).
+    Lookup nodes point at the root: the graph drafts from the heads only, and the host writes the lookup's
+    tokens over those nodes before each step (StepRunner.fill_lookup)."""
     if tree.depth > num_heads or tree.topk > topk:
         raise MedusaError(
             f"tree needs {tree.depth} heads / top-{tree.topk}: the artifact has {num_heads} / {topk}"
         )
     idx = np.asarray(tree.tree_indices, dtype=np.int64)
     k = max(tree.topk, 1)
-    remapped = np.where(idx > 0, 1 + ((idx - 1) // k) * topk + (idx - 1) % k, 0)
+    heads = (idx > 0) & (idx < lookup_start(tree))
+    remapped = np.where(heads, 1 + ((idx - 1) // k) * topk + (idx - 1) % k, 0)
     return {
         "depth": np.ascontiguousarray(tree.position_ids, dtype=np.int64),
         "ancestors": np.ascontiguousarray(tree.attention_mask, dtype=np.bool_),
         "retrieve": np.ascontiguousarray(tree.retrieve_indices, dtype=np.int64),
         "tree_indices": remapped.astype(np.int64),
     }
+
+
+def lookup_start(tree) -> int:
+    """Where the lookup tokens begin in the tree's flat candidate vector (decode.candidates)."""
+    return 1 + tree.depth * tree.topk
 
 
 class OrtStepBackend(Backend):
@@ -196,6 +201,9 @@ class StepRunner:
         self.tokens = [backend._alloc([n], "int64") for _ in range(2)]
         self.length = [backend._alloc([1], "int64") for _ in range(2)]
         self.result = backend._alloc([plen + 2], "int64")
+        idx = np.asarray(tree.tree_indices)
+        self.lookup_nodes = np.flatnonzero(idx >= lookup_start(tree)) if tree.lookup_chains else None
+        self.lookup_slots = None if self.lookup_nodes is None else idx[self.lookup_nodes] - lookup_start(tree)
         caches = backend.caches
         self.bindings, self.run_options = [], []
         for parity in (0, 1):
@@ -230,6 +238,14 @@ class StepRunner:
     def set_tokens(self, tokens: np.ndarray) -> None:
         """Replace the next step's tree tokens (a drafter's, instead of the graph's own draft)."""
         self.tokens[self.parity].update_inplace(np.ascontiguousarray(tokens, dtype=np.int64))
+
+    def fill_lookup(self, found: np.ndarray) -> None:
+        """Write the lookup's tokens [chains, length] over the next step's lookup nodes (the graph has
+        drafted the heads' nodes into the same buffer): a read of the N tokens and a write back."""
+        buffer = self.tokens[self.parity]
+        tokens = buffer.numpy()
+        tokens[self.lookup_nodes] = found.reshape(-1)[self.lookup_slots]
+        buffer.update_inplace(tokens)
 
     def step(self) -> tuple[list[int], int]:
         """One fused step: (emitted tokens, last accepted node)."""
