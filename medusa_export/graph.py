@@ -20,31 +20,37 @@ TOPK_CHUNK = 256  # ONNX Runtime's CUDA TopK sorts a row of up to 256 in one blo
 # rows get one block each for a multi-pass radix select: ~2 ms for 4 rows of 262,144 on an H200
 
 
+def _chunk(width: int, k: int, largest: int) -> int | None:
+    """The largest power of two <= `largest` that divides `width` into several chunks of >= 2k, if any
+    (no padding: ONNX Runtime has no CUDA Pad for the int64 indices, and a CPU node breaks CUDA graphs)."""
+    c = largest
+    while c >= 2 * k:
+        if width % c == 0 and width > c:
+            return c
+        c //= 2
+    return None
+
+
 def topk_ids(x: torch.Tensor, k: int, chunk: int = TOPK_CHUNK, staged_above: int = 4096) -> torch.Tensor:
     """Indices of the k largest along the last axis, sorted, ties to the lower index (as one TopK).
 
-    Rows longer than `staged_above` go in stages: the top-k of every `chunk` columns (padded with -inf),
-    then the top-k of those, until one chunk is left. Equal values keep their index order through every
-    stage (chunks in column order, each sorted with ties to the lower index), so the result is the
-    single TopK's, and each stage spreads over (rows x chunks) blocks instead of one block per row.
+    Rows longer than `staged_above` go in stages: the top-k of every chunk of columns, then the top-k of
+    those, while a chunk size divides the row, then one TopK over what is left. Equal values keep their
+    index order through every stage (chunks in column order, each sorted with ties to the lower index), so
+    the result is the single TopK's, and each stage spreads over (rows x chunks) blocks instead of one
+    block per row.
     """
-    if x.shape[-1] <= staged_above or k > chunk:
-        return torch.topk(x, k, dim=-1).indices
     index = None  # [..., M]: the column of x that each entry of the current stage came from
-    while x.shape[-1] > chunk:
-        width = x.shape[-1]
-        pad = -width % chunk
-        if pad:
-            x = torch.nn.functional.pad(x, (0, pad), value=float("-inf"))
-            if index is not None:
-                index = torch.nn.functional.pad(index, (0, pad), value=0)
-        top = torch.topk(x.unflatten(-1, (-1, chunk)), k, dim=-1)  # [..., chunks, k]
-        offsets = torch.arange(0, x.shape[-1], chunk, dtype=torch.int64)[:, None]
+    c = _chunk(x.shape[-1], k, chunk) if x.shape[-1] > staged_above else None
+    while c is not None:
+        top = torch.topk(x.unflatten(-1, (-1, c)), k, dim=-1)  # [..., chunks, k]
+        offsets = torch.arange(0, x.shape[-1], c, dtype=torch.int64)[:, None]
         picked = (top.indices + offsets).flatten(-2)  # [..., chunks * k] positions in this stage's x
         index = picked if index is None else torch.gather(index, -1, picked)
         x = top.values.flatten(-2)
+        c = _chunk(x.shape[-1], k, chunk)
     best = torch.topk(x, k, dim=-1).indices
-    return torch.gather(index, -1, best)
+    return best if index is None else torch.gather(index, -1, best)
 
 
 class MedusaGraph(nn.Module):

@@ -8,7 +8,9 @@ can capture it once and replay it as a CUDA graph:
   (depth [N], ancestors [N, N], retrieve [L, D+1], tree_indices [N]) and the KV cache bound at full
   capacity [1, capacity, KV, head_dim] per layer
   -> masks from length, positions (length + depth) and the ancestors (sliding-window layers too)
-  -> the decoder over the N nodes, attention (ONNX `Attention`, opset 23) over [cache ; new]
+  -> the decoder over the N nodes, attention over [cache ; new] as two matmuls and a float32 softmax
+     (models.common.attend): cuBLAS spreads them over the whole GPU, where ONNX `Attention` ran a
+     memory-efficient kernel of one block per head for N > 1 (130 us a layer over 2,048 slots on an H200)
   -> argmax at every node; greedy acceptance (`acceptance.Greedy`: the longest root-first path whose
      every token is its parent's argmax, the first such path on ties)
   -> the accepted path's K/V rows written into the cache at slots length .. length + D (D + 1 rows; those
@@ -19,7 +21,7 @@ can capture it once and replay it as a CUDA graph:
 
 N, L and D + 1 are symbols here (`contract.STEP_SYMBOLS`); the runtime pins them per tree with ONNX
 Runtime's free dimension overrides, so one file serves every tree and constant folding removes the
-shape arithmetic. fp32 computes what model.onnx computes (the same explicit forward, attention fused).
+shape arithmetic. fp32 computes what model.onnx computes (the same explicit forward and attention).
 With `native=True` (bf16/fp16 artifacts) RMSNorm, RoPE and GELU run in the model dtype (float32 math
 inside the kernels, RMSNormalization stash_type=1) instead of float32 islands between Casts: far fewer
 nodes, slightly different rounding (Gemma's (1 + w) scale is rounded to the model dtype).
@@ -34,7 +36,7 @@ from torch import nn
 from medusa_runtime import contract
 
 from .graph import MedusaGraph, topk_ids
-from .models.common import apply_rope, fused_onnx_ops, rms_norm, rope
+from .models.common import apply_rope, attend, fused_onnx_ops, rms_norm, rope
 
 STEP_FILE = "step.onnx"
 PLAIN_FILE = "step_plain.onnx"  # the same step without the heads, for plain decoding (N = 1)
@@ -78,7 +80,9 @@ class StepGraph(nn.Module):
         self.gemma = self.family == "gemma3_text"
 
     # -- the decoder over the tree nodes, attending to [cache ; new] -------------------------------------
-    def _masks(self, length, positions, ancestors, dtype):
+    def _masks(self, length, positions, ancestors):
+        """Additive float32 masks [1, 1, N, capacity + N] (full, sliding): added to attend's float32 scores."""
+        dtype = torch.float32
         cfg = self.medusa.decoder.cfg
         n, cap = positions.shape[0], self.capacity
         slots = torch.arange(cap, dtype=torch.int64)
@@ -111,7 +115,6 @@ class StepGraph(nn.Module):
             both = _cos_sin(pos, dec.inv_freq, dec.rope_scale, x.dtype, native)
             ropes = {True: both, False: both}
         scaling = dec.scaling if self.gemma else cfg.head_dim**-0.5
-        kvd = cfg.num_kv_heads * cfg.head_dim
         new_kv = []
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
@@ -125,19 +128,9 @@ class StepGraph(nn.Module):
                 k = _rms(k, a.k_norm.weight, eps, 1.0, native)
             q, k = _rope(q, cos, sin, native), _rope(k, cos, sin, native)
             new_kv.append((k, v))
-            ck, cv = caches[2 * i], caches[2 * i + 1]
-            k_all = torch.cat((ck.reshape(1, self.capacity, kvd), k.reshape(1, n, kvd)), dim=1)
-            v_all = torch.cat((cv.reshape(1, self.capacity, kvd), v.reshape(1, n, kvd)), dim=1)
-            mask = masks[1] if cfg.sliding_layers[i] else masks[0]
-            attn = torch.onnx.ops.attention(
-                q.reshape(1, n, cfg.num_heads * cfg.head_dim),
-                k_all,
-                v_all,
-                mask,
-                q_num_heads=cfg.num_heads,
-                kv_num_heads=cfg.num_kv_heads,
-                scale=scaling,
-            )[0]
+            k_all = torch.cat((caches[2 * i], k), dim=1)  # [1, capacity + N, KV, D]
+            v_all = torch.cat((caches[2 * i + 1], v), dim=1)
+            attn = attend(q, k_all, v_all, masks[1] if cfg.sliding_layers[i] else masks[0], scaling)
             attn = a.o_proj(attn)
             if self.gemma:
                 x = x + _rms(attn, layer.post_attention_layernorm.weight, eps, 1.0, native)
@@ -172,9 +165,8 @@ class StepGraph(nn.Module):
         return g.draft_ids[top] if g.draft_ids is not None else top
 
     def forward(self, tokens, length, depth, ancestors, retrieve, tree_indices, *caches):
-        dtype = caches[0].dtype
         positions = length + depth  # [N]
-        masks = self._masks(length, positions, ancestors, dtype)
+        masks = self._masks(length, positions, ancestors)
         hidden, new_kv = self._decoder(tokens, positions, masks, caches)
         argmax = torch.argmax(self.medusa.decoder.project(hidden[0]).float(), dim=-1)  # [N]
 

@@ -50,8 +50,8 @@ case "$1" in
         python3 scripts/ort_profile.py "$ART/gemma3-270m-$a" --prompts "$PROMPTS" --backend ort-cuda $mode "${@:2}"
       done
     done 2>&1 | tee "$OUT/profile.log" ;;
-  prepare)  # the artifacts of this round: bf16 and fp32, with the fused step graphs (--gpu-step)
-    for d in bf16 fp32; do
+  prepare)  # the artifacts of this round: bf16 and fp32 (DTYPES), with the fused step graphs (--gpu-step)
+    for d in ${DTYPES:-bf16 fp32}; do
       a="$ART/gemma3-270m-$d-step"
       [ -f "$a/artifact.json" ] || cli onnx gemma3-270m --heads "$HEADS" --dtype $d --out "$a" --max-seq 2048 \
         --default-tree "$TREE" --gpu-step 2>&1 | tail -3 || cli onnx gemma3-270m --heads "$HEADS" --dtype $d \

@@ -13,7 +13,7 @@ def stable_topk(x: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-x, axis=-1, kind="stable")[..., :k]
 
 
-@pytest.mark.parametrize("width", [300, 4097, 70_000])
+@pytest.mark.parametrize("width", [300, 4097, 70_000, 262_144])
 def test_staged_topk_values_match_torch(width):
     x = torch.randn(4, 2, width)
     ids = topk_ids(x, 10, chunk=64, staged_above=128)
@@ -26,17 +26,21 @@ class Staged(torch.nn.Module):
 
 
 def test_staged_topk_in_onnx_runtime_keeps_tie_order(tmp_path):
-    """Exported (Pad, TopK per chunk, GatherElements) and run by ONNX Runtime on rows with many ties:
-    exactly the stable reference, so staging changes no draft."""
+    """Exported (TopK per chunk, GatherElements; no Pad: its int64 form has no CUDA kernel) and run by ONNX
+    Runtime on rows with many ties: exactly the stable reference, so staging changes no draft."""
+    import onnx
+
     path = tmp_path / "topk.onnx"
-    sample = torch.randn(4, 1000)
+    sample = torch.randn(4, 1280)  # 20 chunks of 64 -> 200 -> one TopK
     batch = torch.export.Dim("batch", min=1, max=64)
     torch.onnx.export(
         Staged(), (sample,), str(path), dynamo=True, input_names=["x"], dynamic_shapes=({0: batch},)
     )
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("TopK") == 2 and "Pad" not in ops
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for rows in (1, 5):
-        x = np.round(rng.standard_normal((rows, 1000)) * 3).astype(np.float32)  # many equal values
+        x = np.round(rng.standard_normal((rows, 1280)) * 3).astype(np.float32)  # many equal values
         (got,) = sess.run(None, {"x": x})
         np.testing.assert_array_equal(got, stable_topk(x, 10))
