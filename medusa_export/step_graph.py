@@ -197,7 +197,10 @@ class StepGraph(nn.Module):
         updated = []
         for k, v in new_kv:
             for new, cache in ((k, caches[len(updated)]), (v, caches[len(updated) + 1])):
-                updated.append(cache.index_copy(1, slots, new.index_select(1, path)))
+                # on the [capacity, KV * D] view (batch 1): ScatterND over rows, no transposed copies
+                rows = new.index_select(1, path).reshape(path.shape[0], -1)
+                flat = cache.reshape(self.capacity, -1).index_copy(0, slots, rows)
+                updated.append(flat.reshape(cache.shape))
 
         if not self.draft:  # the plain-decoding variant: no heads, every node (the one root) gets the root
             return (torch.zeros_like(tree_indices) + root, length + count, result, *updated)

@@ -144,3 +144,61 @@ def test_fused_lookup_chains_equal_the_host_loop(tiny_base, step_artifact, tree,
         ]
         from_lookup += sum(len(s.tokens) - 1 for s in b.steps if s.source == "lookup")
     assert from_lookup > 0
+
+
+def test_gpu_lock_is_shared_or_exclusive():
+    """GPU_LOCK (backends/ort_step.py): shared holders overlap; an exclusive holder (a CUDA-graph capture,
+    a session load) runs alone and goes before shared holders that arrive while it waits."""
+    import threading
+    import time
+
+    from medusa_runtime.backends.ort_step import SharedExclusiveLock
+
+    lock, log, release = SharedExclusiveLock(), [], threading.Event()
+
+    def wait_until(cond):
+        deadline = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    def shared(i, hold):
+        with lock.shared():
+            log.append(("in", i))
+            if hold:
+                release.wait(10)
+            log.append(("out", i))
+
+    def exclusive():
+        with lock.exclusive():
+            log.append(("exclusive", lock._shared))
+
+    first = [threading.Thread(target=shared, args=(i, True)) for i in range(3)]
+    for t in first:
+        t.start()
+    wait_until(lambda: lock._shared == 3)  # three shared holders at once
+    ex = threading.Thread(target=exclusive)
+    ex.start()
+    wait_until(lambda: lock._waiting == 1)
+    late = threading.Thread(target=shared, args=(9, False))  # arrives while the exclusive request waits
+    late.start()
+    time.sleep(0.05)
+    assert ("in", 9) not in log and ("exclusive", 0) not in log
+    release.set()
+    for t in [*first, ex, late]:
+        t.join(10)
+    events = [e for e in log if e[0] != "in" or e[1] == 9]
+    assert events[3] == ("exclusive", 0) and events[4:] == [("in", 9), ("out", 9)]
+
+
+def test_fused_backends_in_threads_give_the_sequential_outputs(step_artifact):
+    """Four runtimes (as the server's workers) decoding at once in threads: each its own output."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = step_artifact("tiny-gemma3")
+    runtimes = [MedusaRuntime.open(folder, backend=STEP, tree="tree16") for _ in range(4)]
+    want = [runtimes[0].generate(p, 24).token_ids for p in PROMPTS]
+    jobs = [(i % 4, i % len(PROMPTS)) for i in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda job: runtimes[job[0]].generate(PROMPTS[job[1]], 24).token_ids, jobs))
+    assert got == [want[p] for _, p in jobs]

@@ -13,9 +13,18 @@ bound to its input's buffer: ONNX Runtime's ScatterND skips its input copy when 
 runs after every read of that cache); `inplace=False` ping-pongs two caches instead (a full copy per step).
 Per step only the packed result (emitted tokens, their count, the last accepted node) crosses to the host;
 with prompt-lookup chains in the tree, also the next step's N tokens, to put the lookup's over its nodes.
+
+Several backends in one process (the server's workers are threads): while one thread captures a CUDA graph,
+any allocation or synchronous copy from another thread breaks the capture ("operation not permitted when
+stream is capturing"). So every backend of this module takes GPU_LOCK: shared for its ordinary work (runs,
+replays, copies), exclusive for what allocates or may capture (sessions and buffers, the first runs of a
+binding), and those wait for the shared holders to finish their step.
 """
 
 from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -26,6 +35,46 @@ from .ort import bind_token_inputs, execution_providers
 
 _NUMPY = {"int64": np.int64, "bool": np.bool_}
 LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
+CAPTURE_RUNS = 4  # runs of a binding that may capture: ONNX Runtime captures after a few warm-up runs
+
+
+class SharedExclusiveLock:
+    """Many holders in shared mode, or one in exclusive mode; a waiting exclusive holder goes first."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive requests waiting: new shared holders wait behind them
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+GPU_LOCK = SharedExclusiveLock()
 
 
 def step_tree_inputs(tree, num_heads: int, topk: int) -> dict[str, np.ndarray]:
@@ -88,20 +137,21 @@ class OrtStepBackend(Backend):
         )
         if self.cuda_graph and device != "cuda":
             raise MedusaError("CUDA graphs need the CUDA EP")
-        try:
-            self.prefill_session = ort.InferenceSession(
-                str(artifact.path("model")), self._options(), providers=self._providers(False)
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise MedusaError(
-                f"ONNX Runtime could not load {artifact.folder}: {str(exc).splitlines()[0]}"
-            ) from None
         self.cache_names, self.updated_names = contract.step_cache_names(self.num_layers)
-        # zeroed: attention reads the whole capacity (rows >= length masked, but NaN garbage would leak)
-        self.caches = [[self._zeros([1, self.capacity, *self.kv_tail]) for _ in self.cache_names]]
-        if not inplace:
-            self.caches.append([self._zeros([1, self.capacity, *self.kv_tail]) for _ in self.cache_names])
-        self.prefill_io = self.prefill_session.io_binding()
+        with GPU_LOCK.exclusive():
+            try:
+                self.prefill_session = ort.InferenceSession(
+                    str(artifact.path("model")), self._options(), providers=self._providers(False)
+                )
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise MedusaError(
+                    f"ONNX Runtime could not load {artifact.folder}: {str(exc).splitlines()[0]}"
+                ) from None
+            # zeroed: attention reads the whole capacity (rows >= length masked, but NaN garbage would leak)
+            self.caches = [[self._zeros([1, self.capacity, *self.kv_tail]) for _ in self.cache_names]]
+            if not inplace:
+                self.caches.append([self._zeros([1, self.capacity, *self.kv_tail]) for _ in self.cache_names])
+            self.prefill_io = self.prefill_session.io_binding()
         self.runners: dict[tuple, StepRunner] = {}
 
     # -- sessions and buffers ----------------------------------------------------------------------------
@@ -135,7 +185,8 @@ class OrtStepBackend(Backend):
         """The step session and bindings for `tree` (made once per tree)."""
         key = (tree.num_nodes, tree.tree_indices.tobytes(), tree.retrieve_indices.tobytes())
         if key not in self.runners:
-            self.runners[key] = StepRunner(self, tree)
+            with GPU_LOCK.exclusive():
+                self.runners[key] = StepRunner(self, tree)
         return self.runners[key]
 
     # -- Backend: prefill through model.onnx ------------------------------------------------------------
@@ -159,19 +210,22 @@ class OrtStepBackend(Backend):
         for name, value in zip(contract.past_names(self.num_layers, "present"), cache):
             ptr = value.data_ptr() + self.length * self.row_bytes
             io.bind_output(name, self.device, 0, elem, [1, t, *self.kv_tail], ptr)
-        self.prefill_session.run_with_iobinding(io)
-        outs = io.get_outputs()
+        with GPU_LOCK.shared():
+            self.prefill_session.run_with_iobinding(io)
+            outs = io.get_outputs()
+            out = StepOutput(
+                next_tokens=outs[NEXT_TOKENS].numpy()[0], medusa_topk=outs[MEDUSA_TOPK].numpy()[:, 0]
+            )
         self.last_outputs = outs
         self.length += t
-        return StepOutput(
-            next_tokens=outs[NEXT_TOKENS].numpy()[0], medusa_topk=outs[MEDUSA_TOPK].numpy()[:, 0]
-        )
+        return out
 
     def commit(self, rows):
         raise MedusaError("the fused-step backend commits the accepted KV inside step.onnx")
 
     def logits(self):
-        return self.last_outputs[LOGITS].numpy()[0]
+        with GPU_LOCK.shared():
+            return self.last_outputs[LOGITS].numpy()[0]
 
 
 class StepRunner:
@@ -228,24 +282,28 @@ class StepRunner:
                 ro.add_run_config_entry("gpu_graph_id", str(parity + 1))
             self.run_options.append(ro)
         self.parity = 0
+        self.runs = [0, 0]  # per binding: the first CAPTURE_RUNS may capture a CUDA graph
 
     def start(self, tokens: np.ndarray) -> None:
         """Begin after a prefill: this step's tree tokens, the cache's length; the cache is set 0."""
         self.parity = 0  # prefill wrote cache set 0, which parity 0 reads
         self.set_tokens(tokens)
-        self.length[0].update_inplace(np.array([self.backend.length], dtype=np.int64))
+        with GPU_LOCK.shared():
+            self.length[0].update_inplace(np.array([self.backend.length], dtype=np.int64))
 
     def set_tokens(self, tokens: np.ndarray) -> None:
         """Replace the next step's tree tokens (a drafter's, instead of the graph's own draft)."""
-        self.tokens[self.parity].update_inplace(np.ascontiguousarray(tokens, dtype=np.int64))
+        with GPU_LOCK.shared():
+            self.tokens[self.parity].update_inplace(np.ascontiguousarray(tokens, dtype=np.int64))
 
     def fill_lookup(self, found: np.ndarray) -> None:
         """Write the lookup's tokens [chains, length] over the next step's lookup nodes (the graph has
         drafted the heads' nodes into the same buffer): a read of the N tokens and a write back."""
         buffer = self.tokens[self.parity]
-        tokens = buffer.numpy()
-        tokens[self.lookup_nodes] = found.reshape(-1)[self.lookup_slots]
-        buffer.update_inplace(tokens)
+        with GPU_LOCK.shared():
+            tokens = buffer.numpy()
+            tokens[self.lookup_nodes] = found.reshape(-1)[self.lookup_slots]
+            buffer.update_inplace(tokens)
 
     def step(self) -> tuple[list[int], int]:
         """One fused step: (emitted tokens, last accepted node)."""
@@ -255,8 +313,11 @@ class StepRunner:
                 f"KV cache full: {b.length} + a {self.num_nodes}-node tree exceed max_seq {b.capacity}"
             )
         p = self.parity
-        self.session.run_with_iobinding(self.bindings[p], self.run_options[p])
-        result = self.result.numpy()
+        capturing = self.backend.cuda_graph and self.runs[p] < CAPTURE_RUNS
+        with GPU_LOCK.exclusive() if capturing else GPU_LOCK.shared():
+            self.session.run_with_iobinding(self.bindings[p], self.run_options[p])
+            result = self.result.numpy()
+        self.runs[p] += 1
         count, last = int(result[-2]), int(result[-1])
         b.length += count
         self.parity = 1 - p
