@@ -44,7 +44,7 @@ $(ART)/gemma3-270m/artifact.json: | install
 # 4-bit weights carried from the GGUF, 8-bit heads; chains keep Medusa = plain exact on quantized weights
 $(ART)/gemma3-270m-int4/artifact.json: | install
 	$(CLI) onnx gemma3-270m --heads $(HEADS) --out $(ART)/gemma3-270m-int4 --max-seq 2048 --weights int4 \
-	  --draft-vocab $(CPU_DRAFT) --default-tree-cpu chain2 --default-tree-gpu chain4
+	  --draft-vocab $(CPU_DRAFT) --default-tree-cpu chain0+lookup3 --default-tree-gpu chain4
 
 $(ART)/tiny-%/artifact.json: | install
 	$(CLI) onnx tiny-$* --heads random:4 --out $(ART)/tiny-$* --max-seq 2048

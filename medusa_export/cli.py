@@ -226,7 +226,12 @@ def validate(
 
 @app.command("tree")
 def tree_cmd(
-    spec: Annotated[str | None, typer.Argument(help="preset name or JSON file")] = None,
+    spec: Annotated[
+        str | None,
+        typer.Argument(
+            help="preset name, JSON file or inline JSON of choices; NAME+lookupL adds lookup chains"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the buffers as one JSON object")] = False,
     from_accuracy: Annotated[Path | None, typer.Option("--from-accuracy", help="head accuracy JSON")] = None,
     nodes: Annotated[int, typer.Option("--nodes", min=1, help="node budget, root included")] = 16,
@@ -235,10 +240,9 @@ def tree_cmd(
 ):
     """Show a tree's buffers, or build one from measured head accuracies (Medusa's greedy construction)."""
     from medusa_runtime.tree import (
-        build_tree,
         expected_accept_length,
-        load_choices,
         load_rank_accuracy,
+        resolve_tree,
         tree_from_accuracy,
     )
 
@@ -266,8 +270,7 @@ def tree_cmd(
         return
     if spec is None:
         _fail("give a preset name or JSON file, or --from-accuracy FILE")
-    name, choices = load_choices(spec, tree_dirs())
-    buffers = build_tree(choices)
+    name, buffers = resolve_tree(spec, search_dirs=tree_dirs())
     if as_json:
         typer.echo(json.dumps({"name": name, **buffers.to_json_dict()}))
     else:

@@ -4,7 +4,8 @@ The artifact (the file contract every later stage reads):
   model.onnx (+ model.onnx.data)  the graph of medusa_runtime.contract
   kv_commit.onnx                   gathers a step's accepted KV rows into the runtime's cache, on device
   tokenizer.json                   so that the runtime needs only `tokenizers`
-  artifact.json                    the sidecar: model/heads config, dtype, max_seq, I/O contract, trees, versions
+  artifact.json                    the sidecar (medusa_runtime.sidecar.ArtifactSidecar): model/heads config,
+                                   dtype, max_seq, I/O contract, trees, files and checksums, versions
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from medusa_runtime import contract
 from medusa_runtime.artifact import SIDECAR, Artifact
 from medusa_runtime.errors import MedusaError
 from medusa_runtime.integrity import file_checksums
-from medusa_runtime.tree import build_tree, load_choices
+from medusa_runtime.sidecar import (
+    ArtifactSidecar,
+    Checksum,
+    GraphIO,
+    MedusaConfig,
+    ModelConfig,
+    StepGraph,
+    TokenizerIds,
+)
+from medusa_runtime.tree import TreeBuffers, resolve_tree, split_lookup
 
 from .fsutil import atomic_dir, check_out_dir
 from .progress import stage
@@ -25,6 +35,7 @@ from .progress import stage
 ONNX_DTYPES = contract.DTYPES
 TREE_DIR = Path(__file__).resolve().parent.parent / "configs" / "trees"
 DEFAULT_TREES = (
+    "chain0",
     "chain1",
     "chain2",
     "chain3",
@@ -92,13 +103,14 @@ def export_onnx(
     served = _served_trees(trees, med.num_heads, heads)
     if not served:
         raise MedusaError(f"no tree fits {med.num_heads} heads: give --tree with a shallower tree")
-    topk = max(1, max(build_tree(c).topk for c in served.values()))
+    topk = max(1, max(t.topk for t in served.values()))
     topk = min(topk, head_vocab)
-    if default_tree is None and weights != "fp" and "chain2" in served:
-        # quantized weights: Medusa = plain holds for chains (README), chain2 measured fastest on 2 CPU cores
-        default_tree = "chain2"
+    if default_tree is None and weights != "fp" and "chain0" in served:
+        # quantized weights: Medusa = plain holds for single chains only (README); on 2 CPU cores a chain of 3
+        # prompt-lookup tokens measured 1.59x plain against 1.15x for chain2 (BENCHMARKS.md, round 4)
+        default_tree = "chain0+lookup3"
     default_tree = default_tree or _largest(served, limit=16)
-    if default_tree not in served:
+    if split_lookup(default_tree)[0] not in served:
         raise MedusaError(f"default tree {default_tree!r} is not among the exported trees {sorted(served)}")
     per_device = {
         "cpu": default_tree,
@@ -106,7 +118,7 @@ def export_onnx(
         **{k: v for k, v in (default_trees or {}).items() if v},
     }
     for device, name in per_device.items():
-        if device not in ("cpu", "gpu") or name not in served:
+        if device not in ("cpu", "gpu") or split_lookup(name)[0] not in served:
             raise MedusaError(
                 f"default {device} tree {name!r} is not among the exported trees {sorted(served)}"
             )
@@ -158,44 +170,39 @@ def export_onnx(
                 )
                 for name in (STEP_FILE, PLAIN_FILE):  # one copy of the weights on disk
                     share_weights(tmp / name, tmp / "model.onnx")
-            step = {
-                "io": {"inputs": [s.to_json() for s in ins], "outputs": [s.to_json() for s in outs]},
-                "capacity": max_seq,
-                "native_dtype": native,
-            }
+            step = StepGraph(GraphIO(tuple(ins), tuple(outs)), max_seq, native)
         base.tokenizer.save(str(tmp / "tokenizer.json"))
-        sidecar = {
-            "format": Artifact.FORMAT,
-            "model": {"name": _ref(model), **_model_json(cfg)},
-            "medusa": {
-                "heads": _ref(heads),
-                "num_heads": med.num_heads,
-                "num_layers": med.num_layers,
-                "shared_lm_head": med.shared_lm_head,
-                "topk": topk,
-                "draft_vocab": None if drafts is None else head_vocab,
-            },
-            "dtype": dtype,
-            "max_seq": max_seq,
-            "io": {"inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs]},
-            "files": {"model": "model.onnx", "commit": "kv_commit.onnx", "tokenizer": "tokenizer.json"},
-            "external_data": sorted(p.name for p in [*tmp.glob("model.onnx?*"), *tmp.glob("step*.onnx?*")]),
-            "tokenizer": {"bos_token_id": base.bos_token_id, "eos_token_ids": base.eos_token_ids},
-            "trees": {name: [list(p) for p in choices] for name, choices in served.items()},
-            "default_tree": default_tree,
-            "default_trees": per_device,
-            "versions": _versions(opset),
-        }
-        if quantized is not None:
-            sidecar["weights"] = quantized
+        files = {"model": "model.onnx", "commit": "kv_commit.onnx", "tokenizer": "tokenizer.json"}
         if step is not None:
-            sidecar["files"]["step"] = STEP_FILE
-            sidecar["files"]["step_plain"] = PLAIN_FILE
-            sidecar["step"] = step
-        names = [*sidecar["files"].values(), *sidecar["external_data"]]
-        with stage(f"recording checksums of {len(names)} files", quiet):
-            sidecar["checksums"] = file_checksums(tmp, names)
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
+            files |= {"step": STEP_FILE, "step_plain": PLAIN_FILE}
+        external = sorted(p.name for p in [*tmp.glob("model.onnx?*"), *tmp.glob("step*.onnx?*")])
+        with stage(f"recording checksums of {len(files) + len(external)} files", quiet):
+            sums = file_checksums(tmp, [*files.values(), *external])
+        sidecar = ArtifactSidecar(
+            model=_model_config(_ref(model), cfg),
+            medusa=MedusaConfig(
+                heads=_ref(heads),
+                num_heads=med.num_heads,
+                num_layers=med.num_layers,
+                shared_lm_head=med.shared_lm_head,
+                topk=topk,
+                draft_vocab=None if drafts is None else head_vocab,
+            ),
+            dtype=dtype,
+            max_seq=max_seq,
+            io=GraphIO(tuple(inputs), tuple(outputs)),
+            files=files,
+            external_data=tuple(external),
+            tokenizer=TokenizerIds(base.bos_token_id, tuple(base.eos_token_ids)),
+            trees={name: tree.choices for name, tree in served.items()},
+            default_tree=default_tree,
+            default_trees=per_device,
+            versions=_versions(opset),
+            weights=quantized,
+            step=step,
+            checksums={name: Checksum(**c) for name, c in sums.items()},
+        )
+        (tmp / SIDECAR).write_text(json.dumps(sidecar.to_json(), indent=1))
         Artifact.load(tmp)  # the runtime's own checks, before the folder becomes visible
     return out
 
@@ -205,39 +212,41 @@ def _ref(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
-def _served_trees(names: list[str] | None, num_heads: int, heads: str) -> dict[str, list]:
-    """The trees asked for, or the generic presets plus the heads' own trees, those that fit the heads."""
+def _served_trees(names: list[str] | None, num_heads: int, heads: str) -> dict[str, TreeBuffers]:
+    """The trees asked for (each must fit the heads), or the generic presets plus the heads' own trees,
+    those that fit the heads."""
     dirs = tree_dirs(heads)
     own = [p.stem for d in dirs[:-1] for p in sorted(d.glob("*.json"))]
     served = {}
     for spec in names or [*DEFAULT_TREES, *own]:
-        name, choices = load_choices(spec, dirs)
-        if build_tree(choices).depth <= num_heads:
-            served[name] = choices
-        elif names:
+        name, tree = resolve_tree(spec, search_dirs=dirs, num_heads=num_heads if names else None)
+        if tree.lookup_chains:
             raise MedusaError(
-                f"tree {name!r} needs {build_tree(choices).depth} heads, the heads have {num_heads}"
+                f"tree {spec!r}: prompt-lookup chains are added at run time (--lookup), not exported"
             )
+        if tree.depth <= num_heads:
+            served[name] = tree
     return served
 
 
-def _largest(served: dict[str, list], limit: int) -> str:
-    fitting = [(build_tree(c).num_nodes, n) for n, c in served.items() if build_tree(c).num_nodes <= limit]
-    return max(fitting)[1] if fitting else min((build_tree(c).num_nodes, n) for n, c in served.items())[1]
+def _largest(served: dict[str, TreeBuffers], limit: int) -> str:
+    fitting = [(t.num_nodes, n) for n, t in served.items() if t.num_nodes <= limit]
+    return max(fitting)[1] if fitting else min((t.num_nodes, n) for n, t in served.items())[1]
 
 
-def _model_json(cfg) -> dict:
-    return {
-        "family": cfg.family,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_kv_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "sliding_window": cfg.sliding_window,
-        "sliding_layers": list(cfg.sliding_layers),
-    }
+def _model_config(name: str, cfg) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        family=cfg.family,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        sliding_window=cfg.sliding_window,
+        sliding_layers=tuple(cfg.sliding_layers),
+    )
 
 
 def sample_inputs(inputs, torch_dtype, tokens=3, past=5, rows=2):

@@ -143,6 +143,11 @@ def quantize_model(path: Path, graph, model: str, weights: str, quiet: bool = Fa
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
+    ranks = {  # known ranks of the graph's tensors (the exporter records value_info): a shorter Q4_K term
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in [*g.value_info, *g.input]
+        if v.type.tensor_type.HasField("shape")
+    }
     arrays: dict[str, np.ndarray] = {}
 
     def array(name):
@@ -209,7 +214,7 @@ def quantize_model(path: Path, graph, model: str, weights: str, quiet: bool = Fa
                     nbits_inputs(f"{tag}.c{i}" if len(parts) > 1 else tag, b.rows(p))
                     for i, p in enumerate(parts)
                 ]
-                rewritten = _matmul_nbits(node, b, ins, tag, add_init)
+                rewritten = _matmul_nbits(node, b, ins, tag, add_init, ranks.get(node.input[0]))
                 if prod is not None and prod.op_type == "Transpose":
                     used_transpose[w_name] -= 1
             elif init_name:
@@ -278,9 +283,11 @@ def _row_chunks(b: Blocks) -> list[slice]:
     return [slice(i, min(i + step, b.n)) for i in range(0, b.n, step)]
 
 
-def _matmul_nbits(node, b: Blocks, ins: list[list[str]], tag: str, add_init):
+def _matmul_nbits(node, b: Blocks, ins: list[list[str]], tag: str, add_init, rank: int | None = None):
     """MatMul(X, W^T) -> MatMulNBits(X, blocks) [- (block sums of X) @ mins^T]. `ins`: per row chunk
-    (see _row_chunks), the chunk's B, scales and zero points; several chunks are concatenated along N."""
+    (see _row_chunks), the chunk's B, scales and zero points; several chunks are concatenated along N.
+    `rank`: X's rank when known: the mins term keeps X's leading dims (4 nodes), else it goes through a
+    flat [rows, blocks] matrix and back (6 nodes); the same MatMul over the same rows either way."""
     from onnx import helper
 
     out = node.output[0]
@@ -306,10 +313,20 @@ def _matmul_nbits(node, b: Blocks, ins: list[list[str]], tag: str, add_init):
         nodes.append(helper.make_node("Concat", outs, [base_out], name=node.name + "/concat", axis=-1))
     if b.mins is not None:  # Q4_K: subtract sum over blocks of mins[n, blk] * sum(x in blk)
         kb, bs = b.q.shape[1], b.block_size
-        shape = add_init(f"{tag}.blockshape", np.array([-1, kb, bs], np.int64))
         axes = add_init(f"{tag}.lastaxis", np.array([-1], np.int64))
         mins_t = add_init(f"{tag}.mins_t", np.ascontiguousarray(b.mins.T))  # [kb, N]
         p = node.name + "/mins"
+        if rank:  # [..., K] -> [..., kb, bs] (0: keep that dim) -> sums [..., kb] -> [..., N]
+            shape = add_init(f"{tag}.blockshape{rank}", np.array([0] * (rank - 1) + [kb, bs], np.int64))
+            return nodes + [
+                helper.make_node("Reshape", [node.input[0], shape], [p + "/blocks"], name=p + "/reshape"),
+                helper.make_node(
+                    "ReduceSum", [p + "/blocks", axes], [p + "/sums"], name=p + "/sum", keepdims=0
+                ),
+                helper.make_node("MatMul", [p + "/sums", mins_t], [p + "/term"], name=p + "/matmul"),
+                helper.make_node("Sub", [base_out, p + "/term"], [out], name=p + "/sub"),
+            ]
+        shape = add_init(f"{tag}.blockshape", np.array([-1, kb, bs], np.int64))
         nodes += [
             helper.make_node("Reshape", [node.input[0], shape], [p + "/blocks"], name=p + "/reshape"),
             helper.make_node("ReduceSum", [p + "/blocks", axes], [p + "/sums"], name=p + "/sum", keepdims=0),

@@ -10,7 +10,7 @@ from medusa_runtime.api import MedusaRuntime
 from medusa_runtime.backends import GPU_BACKENDS
 from medusa_runtime.errors import MedusaError
 from medusa_runtime.lookup import add_lookup
-from medusa_runtime.tree import build_tree, load_choices
+from medusa_runtime.tree import build_tree, resolve_tree
 
 from .onnx_export import tree_dirs
 
@@ -76,9 +76,10 @@ def torch_runtime(
     from .torch_backend import TorchBackend
 
     decoder = explicit_model(base).to(device)
-    name, choices = load_choices(tree, tree_dirs()) if tree else ("plain", [])
-    buffers = build_tree(choices, num_heads=heads.num_heads)
-    name, buffers = add_lookup(name, buffers, lookup)  # prompt-lookup chains, when asked for
+    if tree:
+        name, buffers = resolve_tree(tree, search_dirs=tree_dirs(), num_heads=heads.num_heads, lookup=lookup)
+    else:
+        name, buffers = add_lookup("plain", build_tree([]), lookup)  # plain, or prompt lookup alone
     graph = MedusaGraph(decoder, heads.to(device).eval(), max(1, buffers.topk), draft_ids).to(device).eval()
     backend = TorchBackend(graph, max_seq, device)
     return MedusaRuntime(

@@ -23,7 +23,6 @@ import typer
 from medusa_runtime.artifact import SIDECAR, Artifact
 from medusa_runtime.backends.trt import (
     COMMIT,
-    ENGINE_FORMAT,
     PREFILL,
     TRT_DTYPES,
     VERIFY,
@@ -37,6 +36,7 @@ from medusa_runtime.backends.trt import (
     sidecar_path,
 )
 from medusa_runtime.errors import MedusaError
+from medusa_runtime.sidecar import EnginePart, EngineProfile, EngineSidecar, EngineSource, EngineTensor
 from medusa_runtime.tree import build_tree
 
 from .fsutil import atomic_file, check_out_file
@@ -72,7 +72,7 @@ def build_engine(
     start = time.perf_counter()
     parsed = _Engine(trt, flavor, artifact.path("model"), quiet)
     for mode in ("input", "output"):
-        artifact.check_io(f"{mode}s", [(t["name"], t["dtype"]) for t in parsed.io if t["mode"] == mode])
+        artifact.check_io(f"{mode}s", [(t.name, t.dtype) for t in parsed.io if t.mode == mode])
     model = parsed.build(profile_ranges(max_seq, max_prompt, sizes, opt_tree), timing_cache)
     targets = parsed.targets
     del parsed  # frees the network's weights before the second build
@@ -85,25 +85,21 @@ def build_engine(
         with atomic_file(path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(memoryview(blob))
-        engines[role] = {"file": path.name, "bytes": path.stat().st_size, **built}
-    meta = {
-        "format": ENGINE_FORMAT,
-        "flavor": flavor,
-        "tensorrt_version": trt.__version__,
-        "compute_capabilities": targets,
-        "artifact": {
-            "path": str(artifact.folder.resolve()),
-            "sha256": sha256_file(artifact.folder / SIDECAR),
-        },
-        "max_seq": max_seq,
-        "max_prompt": max_prompt,
-        "tree_sizes": sizes,
-        "opt_tree_size": opt_tree,
-        "engines": engines,
-        "build_seconds": round(time.perf_counter() - start, 1),
-    }
+        engines[role] = EnginePart(path.name, path.stat().st_size, **built)
+    meta = EngineSidecar(
+        flavor=flavor,
+        tensorrt_version=trt.__version__,
+        compute_capabilities=tuple(targets),
+        artifact=EngineSource(str(artifact.folder.resolve()), sha256_file(artifact.folder / SIDECAR)),
+        max_seq=max_seq,
+        max_prompt=max_prompt,
+        tree_sizes=tuple(sizes),
+        opt_tree_size=opt_tree,
+        engines=engines,
+        build_seconds=round(time.perf_counter() - start, 1),
+    )
     with atomic_file(sidecar_path(out)) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.write_text(json.dumps(meta.to_json(), indent=1))
     return out
 
 
@@ -113,7 +109,7 @@ def build_engine(
 
 def default_tree_sizes(artifact: Artifact) -> list[int]:
     """Node counts (root included) of the trees the artifact serves."""
-    return sorted({build_tree(choices).num_nodes for choices in artifact.meta["trees"].values()})
+    return sorted({build_tree(choices).num_nodes for choices in artifact.sidecar.trees.values()})
 
 
 def check_ranges(
@@ -137,7 +133,7 @@ def check_ranges(
     max_prompt = max_seq - largest if max_prompt is None else max_prompt
     if not 1 <= max_prompt <= max_seq:
         raise MedusaError(f"--max-prompt {max_prompt} must lie in [1, max_seq {max_seq}]")
-    default = build_tree(artifact.meta["trees"][artifact.meta["default_tree"]]).num_nodes
+    default = artifact.tree(backend="trt")[1].num_nodes  # the tree the trt backend runs by default
     return max_seq, max_prompt, sizes, min(default, largest)
 
 
@@ -174,17 +170,17 @@ def commit_ranges(tree_sizes: list[int], opt_tree: int) -> dict[str, dict[str, R
     return {COMMIT: {"batch": (1, 1, 1), "tokens": (1, opt_tree, tree), "kept": kept}}
 
 
-def input_ranges(io: list[dict], symbols: dict[str, Range]) -> dict[str, dict[str, list[int]]]:
+def input_ranges(io: list[EngineTensor], symbols: dict[str, Range]) -> dict[str, dict[str, tuple]]:
     """min/opt/max shape of every input of a profile."""
     ranges = {}
     for t in io:
-        if t["mode"] != "input":
+        if t.mode != "input":
             continue
-        unknown = [d for d in t["shape"] if isinstance(d, str) and d not in symbols]
+        unknown = [d for d in t.shape if isinstance(d, str) and d not in symbols]
         if unknown:
-            raise MedusaError(f"input {t['name']} has a dim {unknown[0]!r} that no optimization profile sets")
-        ranges[t["name"]] = {
-            key: list(concrete_shape(t["shape"], {s: r[i] for s, r in symbols.items()}))
+            raise MedusaError(f"input {t.name} has a dim {unknown[0]!r} that no optimization profile sets")
+        ranges[t.name] = {
+            key: concrete_shape(t.shape, {s: r[i] for s, r in symbols.items()})
             for i, key in enumerate(("min", "opt", "max"))
         }
     return ranges
@@ -221,8 +217,7 @@ class _Engine:
                 profile.set_shape(tensor, r["min"], r["opt"], r["max"])
             if config.add_optimization_profile(profile) < 0:
                 raise MedusaError(f"TensorRT rejected the {name} profile: {self.logger.last_error()}")
-            as_lists = {s: list(r) for s, r in symbols.items()}
-            recorded.append({"name": name, "symbols": as_lists, "inputs": ranges})
+            recorded.append(EngineProfile(name, {s: tuple(r) for s, r in symbols.items()}, ranges))
         monitor = _progress_monitor(self.trt, self.quiet)
         if monitor is not None:
             config.progress_monitor = monitor
@@ -238,7 +233,12 @@ class _Engine:
                 tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         types = Counter(self.network.get_layer(i).type.name for i in range(layers))
         self.targets = _compute_capabilities(self.flavor, config)
-        return {"blob": blob, "io": self.io, "profiles": recorded, "layers": dict(sorted(types.items()))}
+        return {
+            "blob": blob,
+            "io": tuple(self.io),
+            "profiles": tuple(recorded),
+            "layers": dict(sorted(types.items())),
+        }
 
 
 def _parser_error(parser, path: Path) -> str:
@@ -261,8 +261,8 @@ def _onnx_shapes(path: Path) -> dict[str, list]:
     return {n: [d.dim_param or d.dim_value for d in ds] for n, ds in dims.items()}
 
 
-def _network_io(network, symbolic: dict[str, list]) -> list[dict]:
-    """The network's inputs then outputs as {name, mode, dtype, shape}; dynamic dims by their ONNX symbol."""
+def _network_io(network, symbolic: dict[str, list]) -> list[EngineTensor]:
+    """The network's inputs then outputs; dynamic dims by their ONNX symbol."""
     tensors = [("input", network.get_input(i)) for i in range(network.num_inputs)]
     tensors += [("output", network.get_output(i)) for i in range(network.num_outputs)]
     io = []
@@ -276,7 +276,7 @@ def _network_io(network, symbolic: dict[str, list]) -> list[dict]:
                 f"graph's {onnx_shape}"
             )
         dtype = TRT_DTYPES.get(t.dtype.name, t.dtype.name)
-        io.append({"name": t.name, "mode": mode, "dtype": dtype, "shape": shape})
+        io.append(EngineTensor(t.name, mode, dtype, tuple(shape)))
     return io
 
 
@@ -359,51 +359,50 @@ def _gpu_compute_capability() -> str:
 def inspect_engine(engine_path: Path, deserialize: bool = False) -> dict:
     """What an engine is, from its sidecar and files (no GPU); with `deserialize` also from TensorRT (GPU)."""
     engine_path = Path(engine_path)
-    meta = load_engine_sidecar(engine_path)
-    info = {
-        "engine": str(engine_path),
-        "flavor": meta["flavor"],
-        "tensorrt_version": meta["tensorrt_version"],
-        "compute_capabilities": meta["compute_capabilities"],
-        "artifact": meta["artifact"],
-        "max_seq": meta["max_seq"],
-        "max_prompt": meta["max_prompt"],
-        "tree_sizes": meta["tree_sizes"],
-        "engines": {},
-    }
-    for role, part in meta["engines"].items():
-        with open(engine_path.parent / part["file"], "rb") as f:
+    side = load_engine_sidecar(engine_path)
+    meta = side.to_json()
+    keys = (
+        "flavor",
+        "tensorrt_version",
+        "compute_capabilities",
+        "artifact",
+        "max_seq",
+        "max_prompt",
+        "tree_sizes",
+    )
+    info = {"engine": str(engine_path), **{k: meta[k] for k in keys}, "engines": {}}
+    for role, part in side.engines.items():
+        with open(engine_path.parent / part.file, "rb") as f:
             magic = f.read(4).decode("ascii", "replace")
         info["engines"][role] = {
-            "file": part["file"],
-            "bytes": part["bytes"],
+            "file": part.file,
+            "bytes": part.bytes,
             "magic": magic,
-            "profiles": {p["name"]: p["symbols"] for p in part["profiles"]},
-            "inputs": [t["name"] for t in part["io"] if t["mode"] == "input"],
-            "outputs": [t["name"] for t in part["io"] if t["mode"] == "output"],
-            "plugin_layers": sum(n for k, n in part["layers"].items() if "PLUGIN" in k),
+            "profiles": {p.name: p.symbols for p in part.profiles},
+            "inputs": [t.name for t in part.io if t.mode == "input"],
+            "outputs": [t.name for t in part.io if t.mode == "output"],
+            "plugin_layers": sum(n for k, n in part.layers.items() if "PLUGIN" in k),
         }
         if deserialize:
-            path = engine_path.parent / part["file"]
-            info["engines"][role]["deserialized"] = _check_deserialized(path, meta, part)
+            path = engine_path.parent / part.file
+            info["engines"][role]["deserialized"] = _check_deserialized(path, side.flavor, part)
     return info
 
 
-def _check_deserialized(path: Path, meta: dict, part: dict) -> bool:
+def _check_deserialized(path: Path, flavor: str, part: EnginePart) -> bool:
     """Deserialize (needs a supported GPU) and compare the engine's I/O and profiles with the sidecar."""
-    _, trt = import_tensorrt(meta["flavor"])
+    _, trt = import_tensorrt(flavor)
     logger = make_logger(trt, quiet=True)
     engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
     if engine is None:
         raise MedusaError(f"cannot deserialize {path} on this machine: {logger.last_error()}")
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     actual = {n: TRT_DTYPES.get(engine.get_tensor_dtype(n).name) for n in names}
-    if actual != {t["name"]: t["dtype"] for t in part["io"]}:
+    if actual != {t.name: t.dtype for t in part.io}:
         raise MedusaError(f"engine {path} I/O disagrees with its sidecar")
-    if engine.num_optimization_profiles != len(part["profiles"]):
+    if engine.num_optimization_profiles != len(part.profiles):
         raise MedusaError(
-            f"engine {path} has {engine.num_optimization_profiles} profiles, its sidecar "
-            f"{len(part['profiles'])}"
+            f"engine {path} has {engine.num_optimization_profiles} profiles, its sidecar {len(part.profiles)}"
         )
     return True
 
@@ -416,7 +415,7 @@ def check_engine_sidecar(engine_path: Path, artifact_dir: Path | None = None) ->
         if (local / SIDECAR).is_file():
             artifact_dir = local
         else:
-            artifact_dir = Path(load_engine_sidecar(engine_path)["artifact"]["path"])
+            artifact_dir = Path(load_engine_sidecar(engine_path).artifact.path)
     return check_engine(engine_path, Artifact.load(artifact_dir))
 
 

@@ -330,7 +330,8 @@ def test_tiny_gguf_values_carried_exactly(tmp_path, monkeypatch):
     folder = export_onnx(str(path), "random:2", tmp_path / "art", max_seq=256, weights="int4", quiet=True)
     w = json.loads((folder / "artifact.json").read_text())["weights"]
     assert w["source"] == "gguf:tiny-gemma3.gguf"
-    assert json.loads((folder / "artifact.json").read_text())["default_tree"] == "chain2"
+    # quantized: Medusa = plain holds for single chains; the default is a chain of prompt-lookup tokens
+    assert json.loads((folder / "artifact.json").read_text())["default_tree"] == "chain0+lookup3"
     assert w["max_abs_diff_vs_gguf"] == 0.0  # every GGUF tensor carried with its own values
     kinds = w["tensors"]
     assert kinds["Q4_K->4bit"] == 3 and kinds["Q6_K->8bit"] == 1 and kinds["Q8_0->8bit"] == 3
@@ -339,5 +340,8 @@ def test_tiny_gguf_values_carried_exactly(tmp_path, monkeypatch):
     assert ops.count("ReduceSum") == 3  # Q4_K's minimum term, once per Q4_K tensor
     medusa = MedusaRuntime.open(folder, tree="tree4")
     plain = MedusaRuntime.open(folder, medusa=False)
+    default = MedusaRuntime.open(folder)
+    assert default.tree_name == "chain0+lookup3" and default.tree.lookup == (1, 3)
     for prompt in PROMPTS:
-        assert medusa.generate(prompt, 32).token_ids == plain.generate(prompt, 32).token_ids
+        want = plain.generate(prompt, 32).token_ids
+        assert medusa.generate(prompt, 32).token_ids == want == default.generate(prompt, 32).token_ids

@@ -190,7 +190,7 @@ def test_validate_keeps_order_and_accepts_limits() -> None:
 
 def test_presets_all_load_and_validate() -> None:
     names = available_presets([TREES_DIR])
-    expected = {"mc_sim_7b_63", "chain1", "chain2", "chain3", "chain4", "tree4", "tree8", "tree16"}
+    expected = {"mc_sim_7b_63", "chain0", "chain1", "chain2", "chain3", "chain4", "tree4", "tree8", "tree16"}
     assert expected <= set(names)
     for name in names:
         data = json.loads((TREES_DIR / f"{name}.json").read_text())
@@ -303,7 +303,7 @@ def test_a_heads_folders_own_trees_are_served_with_those_heads_only(tmp_path):
     (heads / "trees").mkdir(parents=True)
     (heads / "trees" / "mine-3.json").write_text(json.dumps({"choices": [[0], [1]]}))
     served = _served_trees(None, 4, str(heads))
-    assert list(served) == [*DEFAULT_TREES, "mine-3"] and served["mine-3"] == [(0,), (1,)]
+    assert list(served) == [*DEFAULT_TREES, "mine-3"] and served["mine-3"].choices == ((0,), (1,))
     assert list(_served_trees(None, 4, "random:4")) == list(DEFAULT_TREES)
     assert "gemma3-270m-64" in _served_trees(None, 4, "gemma3-270m-medusa")  # the shipped heads' own
     assert list(_served_trees(["mine-3"], 4, str(heads))) == ["mine-3"]

@@ -59,19 +59,19 @@ def test_sidecar_follows_the_artifact_contract(engines, name):
     folder, engine = engines[name]
     artifact = Artifact.load(folder)
     meta = check_engine(engine, artifact)
-    assert meta["flavor"] == "tensorrt-rtx" and meta["tensorrt_version"] == trt.__version__
-    assert meta["compute_capabilities"] == RTX_DEFAULT_CCS
-    assert meta["artifact"]["path"] == str(folder.resolve())
-    assert meta["max_seq"] == MAX_SEQ and meta["tree_sizes"] == default_tree_sizes(artifact)
-    model = meta["engines"]["model"]
+    assert meta.flavor == "tensorrt-rtx" and meta.tensorrt_version == trt.__version__
+    assert list(meta.compute_capabilities) == RTX_DEFAULT_CCS
+    assert meta.artifact.path == str(folder.resolve())
+    assert meta.max_seq == MAX_SEQ and list(meta.tree_sizes) == default_tree_sizes(artifact)
+    model = meta.engines["model"]
     want = [(s["name"], s["dtype"], s["shape"]) for kind in ("inputs", "outputs") for s in artifact.io(kind)]
-    assert [(t["name"], t["dtype"], t["shape"]) for t in model["io"]] == want
-    commit = meta["engines"]["commit"]["io"]
+    assert [(t.name, t.dtype, list(t.shape)) for t in model.io] == want
+    commit = meta.engines["commit"].io
     present, kept = contract.commit_names(artifact.model["num_layers"])
-    assert [t["name"] for t in commit] == [contract.COMMIT_ROWS, *present, *kept]
-    for part in meta["engines"].values():  # every op went through the parser as a TensorRT layer: no plugin
-        assert not [k for k in part["layers"] if "PLUGIN" in k], part["layers"]
-        assert (engine.parent / part["file"]).stat().st_size == part["bytes"]
+    assert [t.name for t in commit] == [contract.COMMIT_ROWS, *present, *kept]
+    for part in meta.engines.values():  # every op went through the parser as a TensorRT layer: no plugin
+        assert not [k for k in part.layers if "PLUGIN" in k], part.layers
+        assert (engine.parent / part.file).stat().st_size == part.bytes
     info = inspect_engine(engine)
     assert info["engines"]["model"]["plugin_layers"] == 0
     assert info["engines"]["model"]["outputs"] == [s["name"] for s in artifact.io("outputs")]
@@ -81,26 +81,29 @@ def test_profile_ranges(engines):
     folder, engine = engines["tiny-gemma3"]
     artifact = Artifact.load(folder)
     meta = load_engine_sidecar(engine)
-    largest, default = max(meta["tree_sizes"]), build_tree(artifact.tree()[1].choices).num_nodes
-    profiles = {p["name"]: p for p in meta["engines"]["model"]["profiles"]}
+    largest, default = max(meta.tree_sizes), build_tree(artifact.tree()[1].choices).num_nodes
+    profiles = {p.name: p for p in meta.engines["model"].profiles}
     assert list(profiles) == [PREFILL, VERIFY]
     for p in profiles.values():
-        s = p["symbols"]
-        assert s["batch"] == [1, 1, 1]
-        assert [a + b for a, b in zip(s["past"], s["tokens"], strict=True)] == s["total"]
+        s = p.symbols
+        assert s["batch"] == (1, 1, 1)
+        assert tuple(a + b for a, b in zip(s["past"], s["tokens"], strict=True)) == s["total"]
         assert s["total"][2] == MAX_SEQ
-        for name, r in p["inputs"].items():  # per-input ranges are the symbols' at min, opt and max
+        for name, r in p.inputs.items():  # per-input ranges are the symbols' at min, opt and max
             spec = next(t for t in artifact.io("inputs") if t["name"] == name)
             for i, key in enumerate(("min", "opt", "max")):
-                assert r[key] == [d if isinstance(d, int) else s[d][i] for d in spec["shape"]], (name, key)
-    prefill, verify = profiles[PREFILL]["symbols"], profiles[VERIFY]["symbols"]
-    assert prefill["rows"] == [1, 1, 1]
-    assert prefill["tokens"] == [1, meta["max_prompt"] // 2, meta["max_prompt"]]
-    assert verify["tokens"] == verify["rows"] == [1, default, largest]
-    assert meta["max_prompt"] == MAX_SEQ - largest
-    kv = profiles[VERIFY]["inputs"]["past_key.0"]
-    assert kv["max"] == [1, MAX_SEQ - largest, artifact.model["num_kv_heads"], artifact.model["head_dim"]]
-    commit = meta["engines"]["commit"]["profiles"][0]["symbols"]
+                assert list(r[key]) == [d if isinstance(d, int) else s[d][i] for d in spec["shape"]], (
+                    name,
+                    key,
+                )
+    prefill, verify = profiles[PREFILL].symbols, profiles[VERIFY].symbols
+    assert prefill["rows"] == (1, 1, 1)
+    assert prefill["tokens"] == (1, meta.max_prompt // 2, meta.max_prompt)
+    assert verify["tokens"] == verify["rows"] == (1, default, largest)
+    assert meta.max_prompt == MAX_SEQ - largest
+    kv = profiles[VERIFY].inputs["past_key.0"]
+    assert kv["max"] == (1, MAX_SEQ - largest, artifact.model["num_kv_heads"], artifact.model["head_dim"])
+    commit = meta.engines["commit"].profiles[0].symbols
     assert commit["tokens"][2] == commit["kept"][2] == largest
 
 
@@ -171,7 +174,7 @@ def test_engine_from_another_artifact_is_refused(engines, tmp_path):
     (edited / "artifact.json").write_text(json.dumps(json.loads((llama / "artifact.json").read_text())))
     with pytest.raises(MedusaError, match="was built from a different artifact"):
         check_engine_sidecar(llama_engine, edited)
-    assert check_engine_sidecar(llama_engine, llama)["artifact"]["path"] == str(llama.resolve())
+    assert check_engine_sidecar(llama_engine, llama).artifact.path == str(llama.resolve())
 
 
 def test_damaged_engines_are_refused(engines, tmp_path):
@@ -231,7 +234,7 @@ def test_plan_shapes_and_bindings(engines):
     plan = plan_for(engines, "tiny-gemma3", 8)
     row = plan.row_bytes
     assert row == kv[0] * kv[1] * 4 and len(plan.kv_names) == 2 * m["num_layers"]
-    names = {t["name"] for t in load_engine_sidecar(engines["tiny-gemma3"][1])["engines"]["model"]["io"]}
+    names = {t.name for t in load_engine_sidecar(engines["tiny-gemma3"][1]).engines["model"].io}
 
     _, b = plan.forward_plan(12, 1, 0, keep_all=True)  # prefill: new KV straight into the cache
     assert set(b) == names
@@ -275,7 +278,7 @@ def test_cli_command(engines, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
     meta = load_engine_sidecar(out)
-    assert (meta["max_seq"], meta["max_prompt"], meta["tree_sizes"]) == (64, 60, [2, 4])
+    assert (meta.max_seq, meta.max_prompt, meta.tree_sizes) == (64, 60, (2, 4))
     assert (tmp_path / "small.kv_commit.engine").is_file()
     bad = CliRunner().invoke(app, ["trt", str(folder), "--tree-sizes", "4,x"])
     assert isinstance(bad.exception, MedusaError) and "--tree-sizes" in str(bad.exception)
@@ -390,12 +393,12 @@ class OrtContext:
         return True
 
 
-def ort_tensorrt(folder: Path, meta: dict):
+def ort_tensorrt(folder: Path, meta):
     """A stand-in tensorrt module whose engines are the artifact's ONNX graphs (told apart by file size)."""
     import onnxruntime
 
-    parts = meta["engines"]
-    graphs = {parts["model"]["bytes"]: "model.onnx", parts["commit"]["bytes"]: "kv_commit.onnx"}
+    parts = meta.engines
+    graphs = {parts["model"].bytes: "model.onnx", parts["commit"].bytes: "kv_commit.onnx"}
 
     class Engine:
         def __init__(self, data: bytes):
@@ -415,7 +418,7 @@ def ort_tensorrt(folder: Path, meta: dict):
     runtime = SimpleNamespace(deserialize_cuda_engine=Engine)
     return SimpleNamespace(
         __name__="ort_tensorrt",
-        __version__=meta["tensorrt_version"],
+        __version__=meta.tensorrt_version,
         ILogger=ILogger,
         Runtime=lambda logger: runtime,
     )

@@ -105,16 +105,29 @@ def attend(
 
     q [B, T, H, D]; k, v [B, S, KV, D]; mask [B, 1, T, S] float32 (0 or a large negative).
     Returns [B, T, H*D]. Softmax in float32, as transformers' eager path does.
+
+    The keys enter the score matmul as a transposed operand (ONNX Runtime fuses the Transpose into the
+    MatMul, transB), not as a transposed copy, and one KV head's keys/values are only reshaped: the strided
+    copy of every layer's [S, D] keys (and a plain copy of its values) was, with the [past; new] Concat
+    that the I/O contract implies, what made a CPU decode step grow with the context. The scores, softmax
+    and weighted sums are bitwise those of the earlier copies, and a verified chain row still equals the
+    plain step's row bitwise for one KV head (tests/test_cpu_step.py); splitting the keys (cache | new)
+    into two matmuls would not keep that.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
     g = h // kv
     qg = q.reshape(b, t, kv, g, d).permute(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
-    kt = k.permute(0, 2, 3, 1)[:, :, None]  # [B, KV, 1, D, S]
+    kt = _kv_major(k)[:, :, None].transpose(-1, -2)  # [B, KV, 1, D, S] as a transposed view of [.., S, D]
     scores = torch.matmul(qg, kt) * scaling  # [B, KV, G, T, S]
     probs = F.softmax(scores.float() + mask[:, :, None], dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3)[:, :, None])  # [B, KV, G, T, D]
+    out = torch.matmul(probs, _kv_major(v)[:, :, None])  # [B, KV, G, T, D]
     return out.permute(0, 3, 1, 2, 4).reshape(b, t, h * d)
+
+
+def _kv_major(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, KV, D] -> [B, KV, S, D]: a reshape (no copy) for a single KV head, else a transpose."""
+    return x.squeeze(2).unsqueeze(1) if x.shape[2] == 1 else x.transpose(1, 2)
 
 
 class ExplicitDecoder(nn.Module):

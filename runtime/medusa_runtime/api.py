@@ -147,8 +147,10 @@ class MedusaRuntime:
         from tokenizers import Tokenizer
 
         artifact = Artifact.load(folder)
-        tree_name, buffers = artifact.tree(tree, backend) if medusa else ("plain", build_tree([]))
-        tree_name, buffers = add_lookup(tree_name, buffers, lookup)
+        if medusa:
+            tree_name, buffers = artifact.tree(tree, backend, lookup=lookup)
+        else:
+            tree_name, buffers = add_lookup("plain", build_tree([]), lookup)
         try:  # before the backend: parsing a large tokenizer.json leaves freed heap that release_heap returns
             tokenizer = Tokenizer.from_file(str(artifact.path("tokenizer")))
         except Exception as exc:  # tokenizers raises its own Exception types

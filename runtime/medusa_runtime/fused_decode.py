@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .decode import Drafter, Step, candidates, lookup, prefill
+from .tree import TreeBuffers
 
 
 def decode(

@@ -14,7 +14,8 @@ import heapq
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,28 @@ def available_presets(search_dirs: Iterable[str | os.PathLike[str]]) -> list[str
     return sorted({p.stem for d in search_dirs for p in Path(d).glob("*.json")})
 
 
+def _tree_file(spec: str | os.PathLike[str], search_dirs: list) -> Path | None:
+    """The JSON file a spec names: itself when it looks like a path, else the first ``<dir>/<spec>.json``."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.is_file() or any(s in str(spec) for s in ("/", os.sep)):
+        return path
+    return next((Path(d) / f"{spec}.json" for d in search_dirs if (Path(d) / f"{spec}.json").is_file()), None)
+
+
+def _named_choices(data: Any, what: str, name: str) -> tuple[str, list[TreePath]]:
+    """(name, validated choices) of a tree document: a list of paths or ``{"name", "choices", ...}``."""
+    if isinstance(data, dict):
+        if "choices" not in data:
+            raise TreeError(f"{what} has no 'choices' key")
+        name, data = data.get("name", name), data["choices"]
+        if not isinstance(name, str) or not name:
+            raise TreeError(f"{what} has a 'name' that is not a non-empty string")
+    try:
+        return name, validate_choices(data)
+    except TreeError as exc:
+        raise TreeError(f"{what}: {exc}") from None
+
+
 def load_choices(
     spec: str | os.PathLike[str], search_dirs: Iterable[str | os.PathLike[str]] = ()
 ) -> tuple[str, list[TreePath]]:
@@ -265,26 +288,67 @@ def load_choices(
     Returns ``(name, validated choices)``; the name defaults to the file's stem.
     """
     search_dirs = list(search_dirs)
-    path = Path(spec)
-    is_file_spec = path.suffix == ".json" or path.is_file() or any(s in str(spec) for s in ("/", os.sep))
-    if not is_file_spec:
-        found = [Path(d) / f"{spec}.json" for d in search_dirs if (Path(d) / f"{spec}.json").is_file()]
-        if not found:
-            names = ", ".join(available_presets(search_dirs)) or "none"
-            raise TreeError(f"unknown tree preset {str(spec)!r}; available presets: {names}")
-        path = found[0]
-    data = _read_json(path, "tree file")
-    name: Any = path.stem
-    if isinstance(data, dict):
-        if "choices" not in data:
-            raise TreeError(f"tree file {path} has no 'choices' key")
-        name, data = data.get("name", name), data["choices"]
-        if not isinstance(name, str) or not name:
-            raise TreeError(f"tree file {path} has a 'name' that is not a non-empty string")
-    try:
-        return name, validate_choices(data)
-    except TreeError as exc:
-        raise TreeError(f"tree file {path}: {exc}") from None
+    path = _tree_file(spec, search_dirs)
+    if path is None:
+        names = ", ".join(available_presets(search_dirs)) or "none"
+        raise TreeError(f"unknown tree preset {str(spec)!r}; available presets: {names}")
+    return _named_choices(_read_json(path, "tree file"), f"tree file {path}", path.stem)
+
+
+_LOOKUP_SUFFIX = re.compile(r"\+lookup(\d+(?:x\d+)?)$")  # lookup.lookup_name's: +lookup8, +lookup2x8
+
+
+def split_lookup(spec: str) -> tuple[str, str | None]:
+    """("chain0", "3") for "chain0+lookup3", (spec, None) without a lookup suffix."""
+    suffix = _LOOKUP_SUFFIX.search(spec)
+    return (spec, None) if suffix is None else (spec[: suffix.start()], suffix.group(1))
+
+
+def resolve_tree(
+    spec: str | os.PathLike[str],
+    *,
+    served: Mapping[str, Any] | None = None,
+    search_dirs: Iterable[str | os.PathLike[str]] = (),
+    num_heads: int | None = None,
+    topk: int | None = None,
+    lookup: Any = None,
+) -> tuple[str, TreeBuffers]:
+    """The one way a tree spec becomes ``(name, buffers)``: for artifacts, the exporter and the CLI.
+
+    ``spec``, tried in this order: a name in ``served`` (name -> choices: an artifact's trees); inline JSON
+    (a list of paths, or ``{"name": ..., "choices": ...}``); a JSON file, or a preset in ``search_dirs``
+    (see load_choices). A ``+lookupL`` / ``+lookupKxL`` suffix, and ``lookup``, add prompt-lookup chains
+    (lookup.add_lookup). The heads part must fit ``num_heads`` heads and top-``topk`` (when given).
+    """
+    from .lookup import add_lookup  # lookup.py builds on this module
+
+    served, search_dirs, text = served or {}, list(search_dirs), os.fspath(spec)
+    suffix = None if text in served else _LOOKUP_SUFFIX.search(text)
+    if suffix:
+        text = text[: suffix.start()]
+    if text in served:
+        name, choices = text, served[text]
+    elif text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TreeError(f"inline tree {_short(text)} is not valid JSON: {exc}") from None
+        name, choices = _named_choices(data, "inline tree", "inline")
+    elif _tree_file(text, search_dirs) is not None:
+        name, choices = load_choices(text, search_dirs)
+    else:
+        known = ", ".join([*served, *available_presets(search_dirs)]) or "none"
+        raise TreeError(
+            f"unknown tree {text!r}: give one of {known}, or a JSON file or inline JSON of choices"
+        )
+    tree = build_tree(choices)
+    if num_heads is not None and tree.depth > num_heads:
+        raise TreeError(f"tree {name!r} needs {tree.depth} Medusa heads, {num_heads} available")
+    if topk is not None and tree.topk > topk:
+        raise TreeError(f"tree {name!r} needs top-{tree.topk} per head, top-{topk} available")
+    if suffix:
+        name, tree = add_lookup(name, tree, suffix.group(1))
+    return add_lookup(name, tree, lookup)
 
 
 def _check_accuracy(rank_accuracy: Any) -> list[list[float]]:

@@ -2,12 +2,17 @@
 
 The KV cache is one preallocated OrtValue per layer and kind, [1, capacity, KV, D], on the device.
 `past` inputs are bound as the cache's first `length` rows (a contiguous prefix, no copy); new KV
-is written by the graph straight into rows [length, length + T) (keep_all) or into a scratch area
-that the artifact's kv_commit graph gathers from, on the device, into the cache. Only input ids,
-masks and the argmax/top-k ids travel between host and device.
+is written by the graph straight into rows [length, length + T) (keep_all) or, for a tree on CUDA, into
+a scratch area that the artifact's kv_commit graph gathers from, on the device, into the cache. On the
+CPU a tree's KV goes into rows [length, length + T) as well, and commit() moves the accepted rows down
+in host memory (nothing to move for a root-first prefix, i.e. any accepted chain): no kv_commit run and
+its 2 x layers x 2 bindings a step. Only input ids, masks and the argmax/top-k ids travel between host
+and device.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 
@@ -121,7 +126,22 @@ class OrtBackend(Backend):
 
         n = 2 * self.num_layers
         self.cache = [alloc(self.capacity) for _ in range(n)]
-        self.scratch = [alloc(max_nodes) for _ in range(n)]
+        self.in_place = device == "cpu"  # a tree's KV into the cache itself (host memory), see commit()
+        self.scratch = [] if self.in_place else [alloc(max_nodes) for _ in range(n)]
+        self.elem = contract.ONNX_ELEM[self.kv_dtype]
+        self.cache_ptrs = [v.data_ptr() for v in self.cache]
+        self.scratch_ptrs = [v.data_ptr() for v in self.scratch]
+        # host views [capacity, row bytes] of the cache (CPU only): commit() moves accepted rows with them
+        self.cache_rows = (
+            [
+                np.frombuffer(
+                    (ctypes.c_char * (self.capacity * self.row_bytes)).from_address(p), np.uint8
+                ).reshape(self.capacity, self.row_bytes)
+                for p in self.cache_ptrs
+            ]
+            if self.in_place
+            else []
+        )
         self.max_nodes = max_nodes
         self.past_names = contract.past_names(self.num_layers)
         self.present_names, self.kept_names = contract.commit_names(self.num_layers)
@@ -129,15 +149,11 @@ class OrtBackend(Backend):
         self.commit_io = self.commit_session.io_binding()
         self.last_tokens = 0
 
-    def _bind_kv(self, bind, name: str, value, row: int, rows: int) -> None:
-        bind(
-            name,
-            self.device,
-            0,
-            contract.ONNX_ELEM[self.kv_dtype],
-            [1, rows, *self.kv_tail],
-            value.data_ptr() + row * self.row_bytes,
-        )
+    def _bind_kv(self, bind, names, ptrs, rows: int, offset: int = 0) -> None:
+        """Bind each name to rows of its buffer ([1, rows, KV, D] from byte `offset`), a loop of C calls."""
+        device, elem, shape = self.device, self.elem, [1, rows, *self.kv_tail]
+        for name, ptr in zip(names, ptrs):
+            bind(name, device, 0, elem, shape, ptr + offset)
 
     def forward(self, input_ids, positions, masks, rows, keep_all):
         t = len(input_ids)
@@ -149,16 +165,18 @@ class OrtBackend(Backend):
             )
         io = self.io
         bind_token_inputs(io, input_ids, positions, masks, rows)
-        for name, value in zip(self.past_names, self.cache):
-            self._bind_kv(io.bind_input, name, value, 0, self.length)
+        self._bind_kv(io.bind_input, self.past_names, self.cache_ptrs, self.length)
         # get_outputs() follows binding order: LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK, then KV
         io.bind_output("logits", self.device)
         io.bind_output("medusa_logits", self.device)
         io.bind_output("next_tokens", "cpu")
         io.bind_output("medusa_topk", "cpu")
-        for name, value, dest in zip(self.present_names, self.cache, self.scratch):
-            target, row = (value, self.length) if keep_all else (dest, 0)
-            self._bind_kv(io.bind_output, name, target, row, t)
+        if keep_all or self.in_place:
+            self._bind_kv(
+                io.bind_output, self.present_names, self.cache_ptrs, t, self.length * self.row_bytes
+            )
+        else:
+            self._bind_kv(io.bind_output, self.present_names, self.scratch_ptrs, t)
         self.session.run_with_iobinding(io)
         outs = io.get_outputs()
         self.last_outputs = outs
@@ -171,16 +189,29 @@ class OrtBackend(Backend):
         )
 
     def commit(self, rows):
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
         n = len(rows)
         if self.length + n > self.capacity:
             raise MedusaError(f"KV cache full: {self.length} + {n} tokens exceed max_seq {self.capacity}")
+        if n and (rows.min() < 0 or rows.max() >= self.last_tokens):
+            raise MedusaError(
+                f"commit rows {rows.tolist()} are not rows of the last {self.last_tokens}-token forward"
+            )
+        if self.in_place:
+            # the forward wrote its T rows at [length, length + T): keep the accepted ones, in order, from
+            # `length` (the rows are gathered before they are written, so the ranges may overlap)
+            if not np.array_equal(rows, np.arange(n)):
+                src, dst = self.length + rows, slice(self.length, self.length + n)
+                for view in self.cache_rows:
+                    view[dst] = view[src]
+            self.length += n
+            return
         io = self.commit_io
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        io.bind_cpu_input(contract.COMMIT_ROWS, np.ascontiguousarray(rows, dtype=np.int64))
-        for src, dst, scratch, cache in zip(self.present_names, self.kept_names, self.scratch, self.cache):
-            self._bind_kv(io.bind_input, src, scratch, 0, self.last_tokens)
-            self._bind_kv(io.bind_output, dst, cache, self.length, n)
+        io.bind_cpu_input(contract.COMMIT_ROWS, rows)
+        self._bind_kv(io.bind_input, self.present_names, self.scratch_ptrs, self.last_tokens)
+        self._bind_kv(io.bind_output, self.kept_names, self.cache_ptrs, n, self.length * self.row_bytes)
         self.commit_session.run_with_iobinding(io)
         self.length += n
 

@@ -1,8 +1,8 @@
 """TensorRT / TensorRT-RTX backend over an engine built by `medusa-export trt` (see medusa_export.trt_build).
 
-The engine sidecar (`<engine>.json`) is the contract between build and run: flavor and version, the
-artifact it came from (sha256 of artifact.json), the I/O list of both engines (the model and the small
-KV-commit gather) with symbolic shapes, and the optimization profiles as ranges per symbol:
+The engine sidecar (`<engine>.json`, sidecar.EngineSidecar) is the contract between build and run: flavor
+and version, the artifact it came from (sha256 of artifact.json), the I/O list of both engines (the model
+and the small KV-commit gather) with symbolic shapes, and the optimization profiles as ranges per symbol:
 
   prefill  the prompt: keep_all steps of T > 1 tokens, one projected row
   verify   tree steps and plain decoding steps (T = 1): T tokens, up to T rows
@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import contract
-from ..artifact import SIDECAR, read_sidecar
+from ..artifact import SIDECAR
 from ..errors import MedusaError
 from ..integrity import sha256_file
+from ..sidecar import COMMIT, PREFILL, VERIFY, EngineSidecar, EngineTensor, read_json
 from .base import Backend, StepOutput
 
-ENGINE_FORMAT = "medusa-export-engine/1"
 FLAVORS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # flavor -> module, preferred first
-PREFILL, VERIFY, COMMIT = "prefill", "verify", "commit"
 TRT_DTYPES = contract.FROM_TRT
 KV_PREFIXES = ("past_", "present_", "kept_")
 _NOISE = ("has Int64 binding", "Thread context has not been set")
@@ -79,35 +78,35 @@ def sidecar_path(engine: Path) -> Path:
     return Path(f"{engine}.json")
 
 
-def load_engine_sidecar(engine: Path) -> dict:
-    """The engine's sidecar, with both engine files present at their recorded sizes."""
+def load_engine_sidecar(engine: Path) -> EngineSidecar:
+    """The engine's sidecar (sidecar.EngineSidecar), with both engine files present at their recorded sizes."""
     engine = Path(engine)
     side = sidecar_path(engine)
     if not engine.is_file():
         raise MedusaError(f"engine {engine} does not exist")
     if not side.is_file():
         raise MedusaError(f"engine {engine} has no sidecar {side.name}: rebuild it with `medusa-export trt`")
-    meta = read_sidecar(side, ENGINE_FORMAT)
-    for role, part in meta["engines"].items():
-        path = engine.parent / part["file"]
+    meta = EngineSidecar.from_json(read_json(side), side)
+    for role, part in meta.engines.items():
+        path = engine.parent / part.file
         if not path.is_file():
-            raise MedusaError(f"engine {engine} is incomplete: its {role} engine {part['file']} is missing")
-        if path.stat().st_size != part["bytes"]:
+            raise MedusaError(f"engine {engine} is incomplete: its {role} engine {part.file} is missing")
+        if path.stat().st_size != part.bytes:
             raise MedusaError(
                 f"engine file {path} has {path.stat().st_size} bytes, its sidecar says "
-                f"{part['bytes']}: truncated or replaced; rebuild it"
+                f"{part.bytes}: truncated or replaced; rebuild it"
             )
     return meta
 
 
-def check_engine(engine: Path, artifact) -> dict:
+def check_engine(engine: Path, artifact) -> EngineSidecar:
     """The sidecar of `engine`, checked against `artifact` (sha256 of its artifact.json, I/O names)."""
     meta = load_engine_sidecar(engine)
-    names = [s["name"] for kind in ("inputs", "outputs") for s in artifact.io(kind)]
-    same_io = [t["name"] for t in meta["engines"]["model"]["io"]] == names
-    if meta["artifact"]["sha256"] != sha256_file(artifact.folder / SIDECAR) or not same_io:
+    io = artifact.sidecar.io
+    same_io = [t.name for t in meta.engines["model"].io] == [s.name for s in [*io.inputs, *io.outputs]]
+    if meta.artifact.sha256 != sha256_file(artifact.folder / SIDECAR) or not same_io:
         raise MedusaError(
-            f"engine {engine} was built from a different artifact ({meta['artifact']['path']})"
+            f"engine {engine} was built from a different artifact ({meta.artifact.path})"
             f", not {artifact.folder}: rebuild it with `medusa-export trt {artifact.folder}`"
         )
     return meta
@@ -156,7 +155,7 @@ def nbytes(shape: tuple[int, ...], dtype: str) -> int:
     return math.prod(shape) * contract.ITEMSIZE[dtype]
 
 
-def concrete_shape(shape: list, sizes: dict[str, int]) -> tuple[int, ...]:
+def concrete_shape(shape: tuple, sizes: dict[str, int]) -> tuple[int, ...]:
     """A symbolic shape (ints and symbol names) at concrete symbol sizes."""
     return tuple(d if isinstance(d, int) else sizes[d] for d in shape)
 
@@ -178,15 +177,15 @@ class TrtPlan:
     past <= max_seq - (largest tree in the verify profile), and the loop keeps `max_nodes` free.
     """
 
-    def __init__(self, meta: dict, max_nodes: int):
+    def __init__(self, meta: EngineSidecar, max_nodes: int):
         self.meta = meta
-        self.io = {t["name"]: t for t in meta["engines"]["model"]["io"]}
-        self.commit_io = {t["name"]: t for t in meta["engines"]["commit"]["io"]}
+        self.io = {t.name: t for t in meta.engines["model"].io}
+        self.commit_io = {t.name: t for t in meta.engines["commit"].io}
         self.profiles = {
-            role: {p["name"]: (i, p["symbols"]) for i, p in enumerate(meta["engines"][role]["profiles"])}
+            role: {p.name: (i, p.symbols) for i, p in enumerate(meta.engines[role].profiles)}
             for role in ("model", "commit")
         }
-        self.max_seq, self.max_prompt = meta["max_seq"], meta["max_prompt"]
+        self.max_seq, self.max_prompt = meta.max_seq, meta.max_prompt
         self.max_tree = self.profiles["model"][VERIFY][1]["tokens"][2]
         if not 1 <= max_nodes <= self.max_tree:
             raise MedusaError(
@@ -195,13 +194,13 @@ class TrtPlan:
             )
         self.max_nodes = max_nodes
         self.capacity = self.max_seq - self.max_tree + max_nodes
-        past = next(t for t in self.io.values() if t["name"].startswith("past_"))
-        self.kv_dtype = past["dtype"]
-        self.row_bytes = nbytes(tuple(past["shape"][2:]), self.kv_dtype)
+        past = next(t for t in self.io.values() if t.name.startswith("past_"))
+        self.kv_dtype = past.dtype
+        self.row_bytes = nbytes(past.shape[2:], self.kv_dtype)
         self.kv_names = [kv_buffer(n) for n in self.io if n.startswith("past_")]
         for t in [*self.io.values(), *self.commit_io.values()]:
-            if kv_buffer(t["name"]) and (t["dtype"], t["shape"][2:]) != (self.kv_dtype, past["shape"][2:]):
-                raise MedusaError(f"engine KV tensor {t['name']} disagrees with {past['name']}: rebuild it")
+            if kv_buffer(t.name) and (t.dtype, t.shape[2:]) != (self.kv_dtype, past.shape[2:]):
+                raise MedusaError(f"engine KV tensor {t.name} disagrees with {past.name}: rebuild it")
         largest = {
             "batch": 1,
             "tokens": max(self.max_prompt, max_nodes),
@@ -213,8 +212,8 @@ class TrtPlan:
         self.buffer_bytes = {f"cache/{k}": self.max_seq * self.row_bytes for k in self.kv_names}
         self.buffer_bytes |= {f"scratch/{k}": max_nodes * self.row_bytes for k in self.kv_names}
         for t in [*self.io.values(), *self.commit_io.values()]:
-            if kv_buffer(t["name"]) is None:
-                self.buffer_bytes[t["name"]] = nbytes(concrete_shape(t["shape"], largest), t["dtype"])
+            if kv_buffer(t.name) is None:
+                self.buffer_bytes[t.name] = nbytes(concrete_shape(t.shape, largest), t.dtype)
 
     @staticmethod
     def phase(tokens: int, keep_all: bool) -> str:
@@ -264,18 +263,18 @@ class TrtPlan:
 
         return index, self._bindings(self.commit_io, sizes, place)
 
-    def _bindings(self, io: dict, sizes: dict[str, int], place) -> dict[str, Binding]:
+    def _bindings(self, io: dict[str, EngineTensor], sizes: dict[str, int], place) -> dict[str, Binding]:
         plan = {}
         for name, t in io.items():
             buffer, offset = place(name)
-            shape = concrete_shape(t["shape"], sizes)
-            size = nbytes(shape, t["dtype"])
+            shape = concrete_shape(t.shape, sizes)
+            size = nbytes(shape, t.dtype)
             if buffer not in self.buffer_bytes or offset + size > self.buffer_bytes[buffer]:
                 raise MedusaError(
                     f"{name} {shape} does not fit buffer {buffer} at byte {offset} "
                     f"(capacity {self.buffer_bytes.get(buffer, 0)} bytes)"
                 )
-            plan[name] = Binding(buffer, offset, shape, size, t["mode"] == "input")
+            plan[name] = Binding(buffer, offset, shape, size, t.mode == "input")
         return plan
 
 
@@ -328,17 +327,17 @@ class TrtBackend(Backend):
         meta = check_engine(path, artifact)
         self.plan = TrtPlan(meta, max_nodes)
         self.capacity, self.max_nodes = self.plan.capacity, max_nodes
-        name, trt = import_tensorrt(meta["flavor"])
-        if trt.__version__ != meta["tensorrt_version"]:
+        name, trt = import_tensorrt(meta.flavor)
+        if trt.__version__ != meta.tensorrt_version:
             raise MedusaError(
-                f"engine {path} was built with {name} {meta['tensorrt_version']}, "
+                f"engine {path} was built with {name} {meta.tensorrt_version}, "
                 f"this is {trt.__version__}: rebuild it"
             )
         self.logger = make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self.cuda = _Cuda()
         self.engines = {
-            role: self._deserialize(path.parent / part["file"]) for role, part in meta["engines"].items()
+            role: self._deserialize(path.parent / part.file) for role, part in meta.engines.items()
         }
         self.contexts = {role: e.create_execution_context() for role, e in self.engines.items()}
         if not all(self.contexts.values()):
