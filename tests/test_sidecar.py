@@ -117,6 +117,7 @@ def _set(path: str, value):
         (_set("trees/bad", [[1, 0]]), ["trees.bad: medusa choice [1, 0] has no parent path [1]"]),
         (_set("default_tree", "nope"), ["default_tree must be a served tree, got 'nope'"]),
         (_set("default_trees/gpu", "nope"), ["default_trees must be an object of served trees"]),
+        (_set("default_trees/gpu", "nope+lookup2"), ["default_trees must be an object of served trees"]),
         (
             _set("step", {"io": {"inputs": [], "outputs": []}, "capacity": 8, "native_dtype": False}),
             ["files.step"],
@@ -130,6 +131,21 @@ def test_bad_sidecars_are_one_line_errors_naming_the_key(tiny, edit, fragments):
     edit(meta)
     message = one_line_error(lambda: ArtifactSidecar.from_json(meta, "x/artifact.json"), *fragments)
     assert message.startswith("x/artifact.json")
+
+
+def test_a_default_tree_may_carry_lookup_chains(tiny):
+    """default_trees {"gpu": "tree8+lookup2x4"}: served base + chains; an explicit lookup replaces them."""
+    _, meta = tiny
+    meta = copy.deepcopy(meta)
+    meta["default_trees"]["gpu"] = "tree8+lookup2x4"
+    side = ArtifactSidecar.from_json(meta, "x")
+    art = Artifact(Path("x"), meta, side)
+    assert art.tree(None, "ort-cuda")[0] == "tree8+lookup2x4" and art.tree(None, "ort-cuda")[1].lookup == (
+        2,
+        4,
+    )
+    assert art.tree(None, "ort-cuda", lookup=3)[0] == "tree8+lookup3"
+    assert art.tree(None, "ort-cpu")[0] == side.default_tree
 
 
 def test_unknown_keys_are_tolerated(tiny):
