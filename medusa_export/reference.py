@@ -83,5 +83,12 @@ def torch_runtime(
     graph = MedusaGraph(decoder, heads.to(device).eval(), max(1, buffers.topk), draft_ids).to(device).eval()
     backend = TorchBackend(graph, max_seq, device)
     return MedusaRuntime(
-        backend, base.tokenizer, buffers, base.eos_token_ids, decoder.cfg.sliding_window, acceptance, name
+        backend,
+        base.tokenizer,
+        buffers,
+        base.eos_token_ids,
+        decoder.cfg.sliding_window,
+        acceptance,
+        name,
+        heads_fill=bool(tree),
     )

@@ -7,6 +7,7 @@ sources, and exactness: greedy output with lookup chains is the base model's gre
 from __future__ import annotations
 
 import json
+from collections import Counter
 from io import StringIO
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import PROMPTS, SPECBENCH, TINY, oracle_check
+from conftest import PROMPTS, SPECBENCH, TINY, OracleDrafter, oracle_check
 from medusa_runtime.acceptance import Greedy
 from medusa_runtime.api import MedusaRuntime
 from medusa_runtime.decode import accepted_by_source, candidates
@@ -78,26 +79,29 @@ def test_lookup_names() -> None:
 
 def test_propose_copies_the_continuation_of_the_longest_most_recent_match() -> None:
     # last 3 tokens [1, 2, 3] occurred at 0: propose what followed
-    assert propose([1, 2, 3, 9, 8, 1, 2, 3], 1, 3).tolist() == [[9, 8, 1]]
+    assert propose([1, 2, 3, 9, 8, 1, 2, 3], 1, 3)[0].tolist() == [[9, 8, 1]]
     # [1, 2] occurred twice: the most recent first, then the older, distinct continuation
-    assert propose([1, 2, 8, 1, 2, 9, 1, 2], 2, 3).tolist() == [[9, 1, 2], [8, 1, 2]]
+    assert propose([1, 2, 8, 1, 2, 9, 1, 2], 2, 3)[0].tolist() == [[9, 1, 2], [8, 1, 2]]
     # the 3-gram match wins over a more recent 1-gram match; the 2-gram's continuation is the same one
     ctx = [7, 1, 2, 5, 3, 2, 6, 7, 1, 2]
-    assert propose(ctx, 1, 3).tolist() == [[5, 3, 2]]
-    assert propose(ctx, 2, 3).tolist() == [[5, 3, 2], [6, 7, 1]]
+    assert propose(ctx, 1, 3)[0].tolist() == [[5, 3, 2]]
+    assert propose(ctx, 2, 3)[0].tolist() == [[5, 3, 2], [6, 7, 1]]
 
 
 def test_propose_continues_a_repetition_past_the_end_of_the_context() -> None:
-    assert propose([4, 5, 4, 5], 1, 5).tolist() == [[4, 5, 4, 5, 4]]
-    assert propose([3, 3], 1, 4).tolist() == [[3, 3, 3, 3]]
+    assert propose([4, 5, 4, 5], 1, 5)[0].tolist() == [[4, 5, 4, 5, 4]]
+    assert propose([3, 3], 1, 4)[0].tolist() == [[3, 3, 3, 3]]
 
 
 def test_propose_pads_with_the_last_token_when_nothing_matches() -> None:
-    assert propose([5, 6, 7], 2, 3).tolist() == [[7, 7, 7], [7, 7, 7]]
-    assert propose([5], 1, 2).tolist() == [[5, 5]]
-    assert propose([1, 2, 1], 3, 2).tolist() == [[2, 1], [1, 1], [1, 1]]  # one match, two rows of padding
-    empty = propose([1, 2, 1], 0, 4)
-    assert empty.shape == (0, 4) and empty.dtype == np.int64
+    assert propose([5, 6, 7], 2, 3)[0].tolist() == [[7, 7, 7], [7, 7, 7]]
+    assert propose([5], 1, 2)[0].tolist() == [[5, 5]]
+    assert propose([1, 2, 1], 3, 2)[0].tolist() == [[2, 1], [1, 1], [1, 1]]  # one match, two rows of padding
+    empty, matched = propose([1, 2, 1], 0, 4)
+    assert empty.shape == (0, 4) and empty.dtype == np.int64 and matched == 0
+    # rows without a match take a filler (the heads' guesses) and the matched count says which are whose
+    rows, matched = propose([1, 2, 1], 3, 2, filler=np.array([8, 9]))
+    assert rows.tolist() == [[2, 1], [8, 9], [8, 9]] and matched == 1
 
 
 def _copies(ctx: list[int], n: int, length: int) -> list[list[int]]:
@@ -118,7 +122,7 @@ def test_propose_matches_a_brute_force_search(ctx: list[int], chains: int, lengt
                 if cont not in want and len(want) < chains:
                     want.append(cont)
     want += [[ctx[-1]] * length] * (chains - len(want))
-    assert propose(ctx, chains, length).tolist() == want
+    assert propose(ctx, chains, length)[0].tolist() == want
 
 
 # --- hybrid buffers --------------------------------------------------------------------------------------
@@ -353,3 +357,25 @@ def test_typical_acceptance_uses_the_hybrid_tree_too(tiny_artifact):
     runs = [rt.generate(REPEAT, 40) for _ in range(2)]
     assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 40
     assert accepted_by_source(runs[0].steps)["lookup"] > 0
+
+
+def test_a_lookup_only_chain_takes_the_heads_guesses_when_the_context_has_no_match(tiny_base, tiny_artifact):
+    """`chain0+lookup3` (the quantized default): one chain, filled by the lookup when the context matches,
+    else by the heads' top-1 guesses; exact either way, and steps say which source was accepted. Without
+    heads (medusa=False) the unmatched chain keeps the root token."""
+    from medusa_export.reference import hf_greedy
+
+    folder = tiny_artifact("tiny-gemma3")
+    rt = MedusaRuntime.open(folder, tree="chain0+lookup3")
+    bare = MedusaRuntime.open(folder, medusa=False, lookup=3)
+    assert rt.heads_fill and not bare.heads_fill and rt.tree.depth == 0
+    base = tiny_base("tiny-gemma3")
+    sources = Counter()
+    for prompt in PROMPTS[:3]:
+        ids = rt.encode(prompt)
+        want = hf_greedy(base, ids, 40).tokens
+        oracle = OracleDrafter(len(ids), want, base.config.vocab_size, rank_probs=(0.9,))
+        got = rt.generate(ids, 40, drafter=oracle)
+        assert got.token_ids == want == bare.generate(ids, 40).token_ids
+        sources.update(accepted_by_source(got.steps))
+    assert sources["heads"] > 0

@@ -123,9 +123,13 @@ class MedusaRuntime:
         acceptance: Greedy | Typical = Greedy(),
         tree_name: str = "",
         artifact: Artifact | None = None,
+        heads_fill: bool = False,
     ):
         self.backend, self.tokenizer, self.tree, self.window = backend, tokenizer, tree, window
         self.artifact = artifact
+        self.heads_fill = (
+            heads_fill  # unmatched lookup chains of a tree without heads nodes take the heads' guesses
+        )
         self.eos = set(eos_ids)
         self.acceptance, self.tree_name = acceptance, tree_name
         self.vocab_size = artifact.model["vocab_size"] if artifact else tokenizer.get_vocab_size()
@@ -169,6 +173,7 @@ class MedusaRuntime:
             acceptance,
             tree_name,
             artifact,
+            heads_fill=medusa,
         )
 
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -216,7 +221,15 @@ class MedusaRuntime:
                     "fused-step backends accept greedily only: use ort-cuda/ort-cpu for typical"
                 )
             return fused_decode.decode(self.backend, prompt_ids, self.tree, self.window, drafter)
-        return decode(self.backend, prompt_ids, self.tree, self.window, self.acceptance, drafter)
+        return decode(
+            self.backend,
+            prompt_ids,
+            self.tree,
+            self.window,
+            self.acceptance,
+            drafter,
+            heads_fill=self.heads_fill,
+        )
 
     def stream(
         self, prompt: str | list[int], max_new_tokens: int = 128, stop: list[str] | tuple = ()

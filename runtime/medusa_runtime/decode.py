@@ -51,9 +51,27 @@ def prefill(backend: Backend, prompt: list[int], window: int | None) -> StepOutp
     )
 
 
-def lookup(tree: TreeBuffers, context: list[int]) -> np.ndarray:
-    """Tokens for the tree's lookup chains [chains, length] (empty when it has none)."""
-    return propose(context, tree.lookup_chains, tree.lookup_length)
+def lookup(tree: TreeBuffers, context: list[int], heads: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Tokens for the tree's lookup chains [chains, length] (empty when it has none), and how many rows
+    the context matched. With `heads` (the heads' top-k [K, k]) the unmatched rows hold the heads' top-1
+    chain instead of the root token (for trees without heads nodes: see decode's heads_fill)."""
+    chains, length = tree.lookup_chains, tree.lookup_length
+    filler = None
+    if chains and heads is not None and heads.shape[0]:
+        top1 = heads[:length, 0]
+        filler = np.concatenate((top1, np.full(length - len(top1), top1[-1], dtype=top1.dtype)))
+    return propose(context, chains, length, filler=filler)
+
+
+def step_source(tree: TreeBuffers, node: int, matched: int) -> str:
+    """Where the accepted candidates came from: a lookup row the context did not match holds heads' guesses."""
+    source = tree.source(node)
+    if (
+        source == "lookup"
+        and (tree.tree_indices[node] - 1 - tree.depth * tree.topk) // tree.lookup_length >= matched
+    ):
+        return "heads"
+    return source
 
 
 def candidates(tree: TreeBuffers, root_token: int, draft: np.ndarray, found: np.ndarray) -> np.ndarray:
@@ -77,9 +95,13 @@ def decode(
     acceptance=Greedy(),
     drafter: Drafter | None = None,
     seed: int = 0,
+    heads_fill: bool = False,
 ) -> Iterator[Step]:
-    """Yields one Step per forward, forever: the caller stops at EOS, a token budget or a stop string."""
+    """Yields one Step per forward, forever: the caller stops at EOS, a token budget or a stop string.
+    `heads_fill`: on a tree without heads nodes (`chain0+lookup3`), lookup rows the context does not match
+    take the heads' top-1 chain, and accepted tokens from those rows count as the heads'."""
     rng = np.random.default_rng(seed)
+    fill = heads_fill and tree.depth == 0 and tree.lookup_chains > 0  # one chain: lookup, else heads
     out = prefill(backend, prompt, window)
     token = int(out.next_tokens[-1])
     draft = out.medusa_topk[:, -1]
@@ -88,7 +110,8 @@ def decode(
     while True:
         if drafter is not None:
             draft = drafter(context, draft)
-        cand = candidates(tree, token, draft, lookup(tree, context))
+        found, matched = lookup(tree, context, draft if fill else None)
+        cand = candidates(tree, token, draft, found)
         out = verify(backend, tree, cand, window)
         logits = functools.cache(backend.logits)  # to the host at most once a step, only if asked for
         nodes = acceptance.accept(tree, cand, out.next_tokens, logits)
@@ -99,4 +122,5 @@ def decode(
         emitted = [int(t) for t in cand[nodes[1:]]] + [token]
         draft = out.medusa_topk[:, last]
         context += emitted
-        yield Step(emitted, tree.path(last), tree.source(last))
+        source = step_source(tree, last, matched) if fill else tree.source(last)
+        yield Step(emitted, tree.path(last), source)

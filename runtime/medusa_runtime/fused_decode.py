@@ -30,7 +30,7 @@ def decode(
     yield Step([token], ())
     if drafter is not None:
         draft = drafter(context, draft)
-    runner.start(candidates(tree, token, draft, lookup(tree, context)))
+    runner.start(candidates(tree, token, draft, lookup(tree, context)[0]))
     shape = out.medusa_topk[:, -1].shape
     while True:
         emitted, last = runner.step()
@@ -38,6 +38,6 @@ def decode(
         yield Step(emitted, tree.path(last), tree.source(last))
         if drafter is not None:
             draft = drafter(context, np.zeros(shape, np.int64))
-            runner.set_tokens(candidates(tree, emitted[-1], draft, lookup(tree, context)))
+            runner.set_tokens(candidates(tree, emitted[-1], draft, lookup(tree, context)[0]))
         elif tree.lookup_chains:
-            runner.fill_lookup(lookup(tree, context))
+            runner.fill_lookup(lookup(tree, context)[0])

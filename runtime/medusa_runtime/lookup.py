@@ -5,8 +5,10 @@ Each step the last n tokens of the context (the root token included), n from MAX
 searched for earlier in the context; the tokens that followed an occurrence (the most recent first) fill one
 chain. A continuation that runs into the end of the context goes on as an overlapping copy (the repetition
 it has found repeats), so a match always fills its whole chain. Chains without a match are filled with the
-root token: any token is safe, because greedy acceptance keeps a candidate only when it equals the base
-model's own argmax; that filler is simply the likeliest useful one (a token that repeats).
+heads' top-1 guesses when the tree has no heads nodes of its own and the runtime drafts with heads
+(`chain0+lookup3`: one chain, from the lookup when the context has a match, else from the heads), otherwise
+with the root token (a token that repeats). Any token is safe: greedy acceptance keeps a candidate only
+when it equals the base model's own argmax.
 """
 
 from __future__ import annotations
@@ -65,12 +67,11 @@ def _occurrences(ctx: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(hits)[::-1]
 
 
-def propose(context: Sequence[int], chains: int, length: int, max_ngram: int = MAX_NGRAM) -> np.ndarray:
-    """[chains, length] int64: distinct continuations of the context's suffix found earlier in it, longer
-    suffix matches first, then the most recent; rows without a match hold the last token."""
-    out = np.empty((chains, length), dtype=np.int64)
-    if not chains:
-        return out
+def continuations(
+    context: Sequence[int], chains: int, length: int, max_ngram: int = MAX_NGRAM
+) -> list[np.ndarray]:
+    """Up to `chains` distinct continuations [length] of the context's suffix found earlier in it, longer
+    suffix matches first, then the most recent."""
     ctx = np.asarray(context, dtype=np.int64)
     found: list[np.ndarray] = []
     seen: set[bytes] = set()
@@ -82,10 +83,24 @@ def propose(context: Sequence[int], chains: int, length: int, max_ngram: int = M
                 seen.add(key)
                 found.append(cont)
             if len(found) == chains:
-                break
-        if len(found) == chains:
-            break
-    out[:] = ctx[-1]
+                return found
+    return found
+
+
+def propose(
+    context: Sequence[int],
+    chains: int,
+    length: int,
+    max_ngram: int = MAX_NGRAM,
+    filler: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """([chains, length] int64, matched rows): the continuations, one a row; rows without a match hold
+    `filler` ([length], e.g. the heads' top-1 guesses) or else the last token."""
+    out = np.empty((chains, length), dtype=np.int64)
+    if not chains:
+        return out, 0
+    found = continuations(context, chains, length, max_ngram)
+    out[:] = context[-1] if filler is None else filler
     for row, cont in enumerate(found):
         out[row] = cont
-    return out
+    return out, len(found)
