@@ -66,10 +66,7 @@ def lookup(tree: TreeBuffers, context: list[int], heads: np.ndarray | None = Non
 def step_source(tree: TreeBuffers, node: int, matched: int) -> str:
     """Where the accepted candidates came from: a lookup row the context did not match holds heads' guesses."""
     source = tree.source(node)
-    if (
-        source == "lookup"
-        and (tree.tree_indices[node] - 1 - tree.depth * tree.topk) // tree.lookup_length >= matched
-    ):
+    if source == "lookup" and (tree.tree_indices[node] - tree.lookup_start) // tree.lookup_length >= matched:
         return "heads"
     return source
 

@@ -135,6 +135,11 @@ class TreeBuffers:
     def lookup_length(self) -> int:
         return self.lookup[1]
 
+    @property
+    def lookup_start(self) -> int:
+        """Where the lookup tokens begin in the flat candidate vector [root, heads' top-k ..., lookup ...]."""
+        return 1 + self.depth * self.topk
+
     def source(self, node: int) -> str:
         """'heads' or 'lookup' for a candidate node, '' for the root."""
         return SOURCE_NAMES.get(int(self.sources[node]), "")
@@ -232,7 +237,7 @@ def with_lookup(tree: TreeBuffers, chains: int, length: int) -> TreeBuffers:
             f"tree of {tree.num_nodes} nodes + {chains} x {length} lookup nodes is more than the limit of {MAX_NODES}"
         )
     nodes = _heads_nodes(list(tree.choices), tree.topk)
-    first = 1 + tree.depth * tree.topk  # the lookup tokens follow the heads' top-k in the flat vector
+    first = tree.lookup_start  # the lookup tokens follow the heads' top-k in the flat vector
     for c in range(chains):
         for d in range(length):
             parent = 0 if d == 0 else len(nodes) - 1

@@ -88,7 +88,7 @@ def step_tree_inputs(tree, num_heads: int, topk: int) -> dict[str, np.ndarray]:
         )
     idx = np.asarray(tree.tree_indices, dtype=np.int64)
     k = max(tree.topk, 1)
-    heads = (idx > 0) & (idx < lookup_start(tree))
+    heads = (idx > 0) & (idx < tree.lookup_start)
     remapped = np.where(heads, 1 + ((idx - 1) // k) * topk + (idx - 1) % k, 0)
     return {
         "depth": np.ascontiguousarray(tree.position_ids, dtype=np.int64),
@@ -96,11 +96,6 @@ def step_tree_inputs(tree, num_heads: int, topk: int) -> dict[str, np.ndarray]:
         "retrieve": np.ascontiguousarray(tree.retrieve_indices, dtype=np.int64),
         "tree_indices": remapped.astype(np.int64),
     }
-
-
-def lookup_start(tree) -> int:
-    """Where the lookup tokens begin in the tree's flat candidate vector (decode.candidates)."""
-    return 1 + tree.depth * tree.topk
 
 
 class OrtStepBackend(Backend):
@@ -256,8 +251,8 @@ class StepRunner:
         self.length = [backend._alloc([1], "int64") for _ in range(2)]
         self.result = backend._alloc([plen + 2], "int64")
         idx = np.asarray(tree.tree_indices)
-        self.lookup_nodes = np.flatnonzero(idx >= lookup_start(tree)) if tree.lookup_chains else None
-        self.lookup_slots = None if self.lookup_nodes is None else idx[self.lookup_nodes] - lookup_start(tree)
+        self.lookup_nodes = np.flatnonzero(idx >= tree.lookup_start) if tree.lookup_chains else None
+        self.lookup_slots = None if self.lookup_nodes is None else idx[self.lookup_nodes] - tree.lookup_start
         caches = backend.caches
         self.bindings, self.run_options = [], []
         for parity in (0, 1):
