@@ -24,7 +24,7 @@ from medusa_runtime.sidecar import (
     GraphIO,
     MedusaConfig,
     ModelConfig,
-    StepGraph,
+    StepSection,
     TokenizerIds,
 )
 from medusa_runtime.tree import TreeBuffers, resolve_tree, split_lookup
@@ -170,7 +170,7 @@ def export_onnx(
                 )
                 for name in (STEP_FILE, PLAIN_FILE):  # one copy of the weights on disk
                     share_weights(tmp / name, tmp / "model.onnx")
-            step = StepGraph(GraphIO(tuple(ins), tuple(outs)), max_seq, native)
+            step = StepSection(GraphIO(tuple(ins), tuple(outs)), max_seq, native)
         base.tokenizer.save(str(tmp / "tokenizer.json"))
         files = {"model": "model.onnx", "commit": "kv_commit.onnx", "tokenizer": "tokenizer.json"}
         if step is not None:

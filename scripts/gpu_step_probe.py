@@ -134,12 +134,12 @@ def ort_nodes(art: Artifact, tree, device: str) -> tuple[int, int]:
     feeds |= step_tree_inputs(tree, art.num_heads, art.topk)
     for name, value in feeds.items():
         io.bind_cpu_input(name, value)
-    elem = {"float32": 1, "bfloat16": 16, "float16": 10}
-    for spec in art.meta["step"]["io"]["inputs"]:
-        if spec["name"].startswith("cache_"):
-            v = ort.OrtValue.ortvalue_from_shape_and_type(spec["shape"], elem[spec["dtype"]], device, 0)
-            v.update_inplace(np.zeros(spec["shape"], np.float32 if spec["dtype"] == "float32" else np.uint16))
-            io.bind_ortvalue_input(spec["name"], v)
+    for spec in art.sidecar.step.io.inputs:
+        if spec.name.startswith("cache_"):
+            shape = list(spec.shape)
+            v = ort.OrtValue.ortvalue_from_shape_and_type(shape, contract.ONNX_ELEM[spec.dtype], device, 0)
+            v.update_inplace(np.zeros(shape, np.float32 if spec.dtype == "float32" else np.uint16))
+            io.bind_ortvalue_input(spec.name, v)
     for o in sess.get_outputs():
         io.bind_output(o.name, device)
     sess.run_with_iobinding(io)

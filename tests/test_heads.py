@@ -327,7 +327,7 @@ def test_vocab_mismatch_refused(tmp_path: Path) -> None:
     with pytest.raises(MedusaError, match=rf"vocab size mismatch: head projections have \[{V}\] rows"):
         load_heads(_saved(tmp_path, shared=False), H, V + 1)
     with pytest.raises(MedusaError, match=rf"vocab_size={V} disagrees with the base model \({V + 1}\)"):
-        load_heads(_saved(tmp_path / "shared", shared=True), H, V + 1)
+        load_heads(_saved(tmp_path / "tied", shared=True), H, V + 1)
 
 
 def test_missing_or_unreadable_checkpoints_refused(tmp_path: Path) -> None:

@@ -224,7 +224,7 @@ class GraphIO(_Section):
 
 
 @dataclass(frozen=True)
-class StepGraph(_Section):
+class StepSection(_Section):
     """The fused step graph (step.onnx, `--gpu-step`): its I/O, KV capacity, and whether it runs natively
     in the artifact's dtype."""
 
@@ -233,7 +233,7 @@ class StepGraph(_Section):
     native_dtype: bool
 
     @classmethod
-    def from_json(cls, o: _Obj) -> StepGraph:
+    def from_json(cls, o: _Obj) -> StepSection:
         return cls(GraphIO.from_json(o.obj("io")), o.int("capacity"), o.bool("native_dtype"))
 
 
@@ -279,7 +279,7 @@ class ArtifactSidecar:
     default_trees: dict[str, str] = field(default_factory=dict)  # device class (cpu, gpu) -> tree name
     versions: dict[str, Any] = field(default_factory=dict)  # the exporting toolchain's, as recorded
     weights: dict[str, Any] | None = None  # the quantization report (medusa_export.quantize), if quantized
-    step: StepGraph | None = None
+    step: StepSection | None = None
     checksums: dict[str, Checksum] = field(default_factory=dict)  # file name -> size and SHA-256
 
     def file_names(self) -> list[str]:
@@ -325,7 +325,7 @@ class ArtifactSidecar:
             default_trees=o.map("default_trees", served, "served trees", default={}),
             versions=o.obj("versions", default={}).value,
             weights=o.optional("weights", lambda w: w.value),
-            step=o.optional("step", StepGraph.from_json),
+            step=o.optional("step", StepSection.from_json),
             checksums=_checksums(o),
         )
         side._cross_check(o)

@@ -115,15 +115,15 @@ class OrtStepBackend(Backend):
         import onnxruntime as ort
 
         self.ort, self.artifact, self.device = ort, artifact, device
-        step = artifact.meta.get("step")
-        if step is None or "step" not in artifact.meta["files"]:
+        step = artifact.sidecar.step  # the sidecar's checks pair it with files.step
+        if step is None:
             raise MedusaError(
                 f"{artifact.folder} has no fused step graph: export it with `medusa-export onnx ... --gpu-step`"
             )
         m = artifact.model
         self.num_layers, self.kv_tail = m["num_layers"], (m["num_kv_heads"], m["head_dim"])
-        self.kv_dtype = next(s["dtype"] for s in step["io"]["inputs"] if s["name"].startswith("cache_"))
-        self.capacity = step["capacity"]
+        self.kv_dtype = next(s.dtype for s in step.io.inputs if s.name.startswith("cache_"))
+        self.capacity = step.capacity
         self.row_bytes = m["num_kv_heads"] * m["head_dim"] * contract.ITEMSIZE[self.kv_dtype]
         self.cuda_graph = (device == "cuda") if cuda_graph is None else cuda_graph
         self.inplace, self.threads, self.max_nodes = inplace, threads, max_nodes
@@ -233,7 +233,7 @@ class StepRunner:
         n, (paths, plen) = tree.num_nodes, tree.retrieve_indices.shape
         self.num_nodes, self.path_len = n, plen
         # plain decoding (root only) runs the variant without the heads when the artifact has it
-        self.role = "step_plain" if n == 1 and "step_plain" in art.meta["files"] else "step"
+        self.role = "step_plain" if n == 1 and "step_plain" in art.sidecar.files else "step"
         dims = dict(zip(contract.STEP_SYMBOLS, (n, paths, plen)))
         ort = backend.ort
         try:
