@@ -168,8 +168,8 @@ def export_onnx(
                 export_step(
                     graph, tmp / PLAIN_FILE, max_seq, kv_dtype, torch_dtype_of(dtype), native, draft=False
                 )
-                for name in (STEP_FILE, PLAIN_FILE):  # one copy of the weights on disk
-                    share_weights(tmp / name, tmp / "model.onnx")
+                share_weights(tmp / STEP_FILE, tmp / "model.onnx")  # one copy of the weights on disk
+                share_weights(tmp / PLAIN_FILE, tmp / "model.onnx", tmp / STEP_FILE)
             step = StepSection(GraphIO(tuple(ins), tuple(outs)), max_seq, native)
         base.tokenizer.save(str(tmp / "tokenizer.json"))
         files = {"model": "model.onnx", "commit": "kv_commit.onnx", "tokenizer": "tokenizer.json"}

@@ -8,20 +8,23 @@ can capture it once and replay it as a CUDA graph:
   (depth [N], ancestors [N, N], retrieve [L, D+1], tree_indices [N]) and the KV cache bound at full
   capacity [1, capacity, KV, head_dim] per layer
   -> masks from length, positions (length + depth) and the ancestors (sliding-window layers too)
-  -> the decoder over the N nodes, attention over [cache ; new] as two matmuls and a float32 softmax
+  -> the decoder over the N nodes (q|k|v and gate|up as one projection each), attention over
+     [cache ; new] as two matmuls and a float32 softmax
      (models.common.attend): cuBLAS spreads them over the whole GPU, where ONNX `Attention` ran a
      memory-efficient kernel of one block per head for N > 1 (130 us a layer over 2,048 slots on an H200)
   -> argmax at every node; greedy acceptance (`acceptance.Greedy`: the longest root-first path whose
      every token is its parent's argmax, the first such path on ties)
   -> the accepted path's K/V rows written into the cache at slots length .. length + D (D + 1 rows; those
-     past the accepted count are garbage beyond the new length, never read)
+     past the accepted count are garbage beyond the new length, never read), in place: one ScatterND per
+     cache with an index per element, its output bound to its input's buffer
   -> the heads' top-k at the last accepted node only -> the next step's tree tokens (tree_indices)
   outputs next_tokens [N], next_length [1], step_result [D + 3] (emitted tokens, their count, the last
   accepted node) and the updated caches.
 
 N, L and D + 1 are symbols here (`contract.STEP_SYMBOLS`); the runtime pins them per tree with ONNX
 Runtime's free dimension overrides, so one file serves every tree and constant folding removes the
-shape arithmetic. fp32 computes what model.onnx computes (the same explicit forward and attention).
+shape arithmetic. fp32 computes what model.onnx computes (the same explicit forward and attention; a joined
+projection computes the same dot products).
 With `native=True` (bf16/fp16 artifacts) RMSNorm, RoPE and GELU run in the model dtype (float32 math
 inside the kernels, RMSNormalization stash_type=1) instead of float32 islands between Casts: far fewer
 nodes, slightly different rounding (Gemma's (1 + w) scale is rounded to the model dtype).
@@ -69,6 +72,20 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: bool) -
     return flat.reshape(b, t, h, d)
 
 
+def _joined(*linears: nn.Linear) -> nn.Linear:
+    """One Linear computing the given ones side by side (outputs concatenated): one GEMM launch instead of
+    several on the same input. Each output column is the same dot product as before."""
+    weight = torch.cat([lin.weight for lin in linears])
+    biases = [lin.bias for lin in linears]
+    joined = nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases))
+    joined = joined.to(weight.dtype).requires_grad_(False)
+    joined.weight.copy_(weight)
+    if joined.bias is not None:
+        zeros = [torch.zeros(lin.out_features, dtype=weight.dtype) if b is None else b for lin, b in zip(linears, biases)]
+        joined.bias.copy_(torch.cat(zeros))
+    return joined
+
+
 class StepGraph(nn.Module):
     """forward(tokens, length, depth, ancestors, retrieve, tree_indices, *caches) in contract order."""
 
@@ -78,6 +95,10 @@ class StepGraph(nn.Module):
         dec = graph.decoder
         self.family = dec.cfg.family
         self.gemma = self.family == "gemma3_text"
+        layers = dec.hf.model.layers
+        with torch.no_grad():  # per layer: q|k|v and gate|up as one projection each
+            self.qkv = nn.ModuleList(_joined(a.q_proj, a.k_proj, a.v_proj) for a in (l.self_attn for l in layers))
+            self.gate_up = nn.ModuleList(_joined(l.mlp.gate_proj, l.mlp.up_proj) for l in layers)
 
     # -- the decoder over the tree nodes, attending to [cache ; new] -------------------------------------
     def _masks(self, length, positions, ancestors):
@@ -116,13 +137,16 @@ class StepGraph(nn.Module):
             ropes = {True: both, False: both}
         scaling = dec.scaling if self.gemma else cfg.head_dim**-0.5
         new_kv = []
+        kv_width = cfg.num_kv_heads * cfg.head_dim
+        qkv_sizes = (cfg.num_heads * cfg.head_dim, kv_width, kv_width)
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
             cos, sin = ropes[cfg.sliding_layers[i]]
             h = _rms(x, layer.input_layernorm.weight, eps, off, native)
-            q = a.q_proj(h).view(1, n, cfg.num_heads, cfg.head_dim)
-            k = a.k_proj(h).view(1, n, cfg.num_kv_heads, cfg.head_dim)
-            v = a.v_proj(h).view(1, n, cfg.num_kv_heads, cfg.head_dim)
+            q, k, v = self.qkv[i](h).split(qkv_sizes, dim=-1)
+            q = q.reshape(1, n, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(1, n, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(1, n, cfg.num_kv_heads, cfg.head_dim)
             if self.gemma:
                 q = _rms(q, a.q_norm.weight, eps, 1.0, native)
                 k = _rms(k, a.k_norm.weight, eps, 1.0, native)
@@ -135,17 +159,18 @@ class StepGraph(nn.Module):
             if self.gemma:
                 x = x + _rms(attn, layer.post_attention_layernorm.weight, eps, 1.0, native)
                 h = _rms(x, layer.pre_feedforward_layernorm.weight, eps, 1.0, native)
-                mlp = layer.mlp
+                gate, up = self.gate_up[i](h).chunk(2, dim=-1)
                 if native:
-                    gate = F.gelu(mlp.gate_proj(h), approximate="tanh")
+                    gate = F.gelu(gate, approximate="tanh")
                 else:
-                    gate = F.gelu(mlp.gate_proj(h).float(), approximate="tanh").to(h.dtype)
-                h = mlp.down_proj(gate * mlp.up_proj(h))
+                    gate = F.gelu(gate.float(), approximate="tanh").to(h.dtype)
+                h = layer.mlp.down_proj(gate * up)
                 x = x + _rms(h, layer.post_feedforward_layernorm.weight, eps, 1.0, native)
             else:
                 x = x + attn
                 h = _rms(x, layer.post_attention_layernorm.weight, eps, 0.0, native)
-                x = x + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+                gate, up = self.gate_up[i](h).chunk(2, dim=-1)
+                x = x + layer.mlp.down_proj(F.silu(gate) * up)
         return _rms(x, m.norm.weight, eps, off, native), new_kv
 
     # -- the draft of the next tree at one row ----------------------------------------------------------
@@ -192,15 +217,22 @@ class StepGraph(nn.Module):
         emitted = torch.where(steps == count - 1, root, torch.where(steps < count - 1, shifted, 0))
         result = torch.cat((emitted, count, last))
 
-        # the accepted path's rows into the cache at slots length .. length + D
-        slots = length + steps
+        # the accepted path's rows into the cache at slots length .. length + D: one ScatterND per cache
+        # straight from the cache input to its output, with an index per element. ONNX Runtime's CUDA
+        # ScatterND runs a thread per index, copying its slice serially (a 256-element row per thread took
+        # 9 us), and skips copying its input when the output is bound to the same buffer (in place); a
+        # Reshape around it would make the copy.
+        cfg = self.medusa.decoder.cfg
+        at = (
+            torch.zeros_like(steps)[:, None, None],
+            (length + steps)[:, None, None],
+            torch.arange(cfg.num_kv_heads, dtype=torch.int64)[None, :, None],
+            torch.arange(cfg.head_dim, dtype=torch.int64)[None, None, :],
+        )
         updated = []
         for k, v in new_kv:
             for new, cache in ((k, caches[len(updated)]), (v, caches[len(updated) + 1])):
-                # on the [capacity, KV * D] view (batch 1): ScatterND over rows, no transposed copies
-                rows = new.index_select(1, path).reshape(path.shape[0], -1)
-                flat = cache.reshape(self.capacity, -1).index_copy(0, slots, rows)
-                updated.append(flat.reshape(cache.shape))
+                updated.append(cache.index_put(at, new.squeeze(0).index_select(0, path)))  # [D+1, KV, D]
 
         if not self.draft:  # the plain-decoding variant: no heads, every node (the one root) gets the root
             return (torch.zeros_like(tree_indices) + root, length + count, result, *updated)
@@ -279,16 +311,17 @@ def count_nodes(path) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
 
 
-def share_weights(step_path, model_path) -> int:
-    """Point step.onnx's external initializers at the identical bytes in model.onnx's data file, and
-    rewrite its own data file with only the rest (tree-free constants, draft weights). Returns the bytes
-    no longer stored twice. Both graphs trace the same parameters, so all but a few tensors match."""
+def share_weights(step_path, *model_paths) -> int:
+    """Point a step graph's external initializers at identical bytes in the data files of `model_paths`
+    (model.onnx, and step.onnx for step_plain.onnx), and rewrite its own data file with only the rest
+    (the joined q|k|v and gate|up projections, tree-free constants, draft weights). Returns the bytes no
+    longer stored twice."""
     import hashlib
     from pathlib import Path
 
     import onnx
 
-    step_path, model_path = Path(step_path), Path(model_path)
+    step_path = Path(step_path)
     folder = step_path.parent
 
     def external(tensor) -> dict | None:
@@ -301,12 +334,12 @@ def share_weights(step_path, model_path) -> int:
             f.seek(int(info.get("offset", 0)))
             return f.read(int(info["length"]))
 
-    model = onnx.load(str(model_path), load_external_data=False)
     known = {}
-    for t in model.graph.initializer:
-        info = external(t)
-        if info is not None:
-            known.setdefault((t.data_type, tuple(t.dims), hashlib.sha256(read(info)).digest()), info)
+    for model_path in model_paths:
+        for t in onnx.load(str(model_path), load_external_data=False).graph.initializer:
+            info = external(t)
+            if info is not None:
+                known.setdefault((t.data_type, tuple(t.dims), hashlib.sha256(read(info)).digest()), info)
     step = onnx.load(str(step_path), load_external_data=False)
     own_name = step_path.name + ".data"
     rest, shared = [], 0

@@ -48,8 +48,12 @@ def test_step_graph_is_in_the_artifact_with_matmul_attention_and_on_device_commi
     # attention as matmuls + one softmax a layer (ONNX `Attention` ran one CUDA block per head for N > 1)
     assert ops["Softmax"] == 2 and ops["ScatterND"] == 4 and ops["TopK"] == 1  # 2 layers, K and V
     assert "Attention" not in ops and "Pad" not in ops and sum(ops.values()) < 260
+    # q|k|v and gate|up run as one projection each (2 layers)
+    assert ops["Split"] >= 4 and ops["MatMul"] <= count_nodes(folder / "model.onnx")["MatMul"] - 6
     # the weights are stored once: step.onnx points at model.onnx.data for every tensor both graphs share
-    assert (folder / "step.onnx.data").stat().st_size < 0.3 * (folder / "model.onnx.data").stat().st_size
+    # and holds the joined projections; step_plain.onnx points at those two
+    size = {name: (folder / f"{name}.onnx.data").stat().st_size for name in ("model", "step", "step_plain")}
+    assert size["step_plain"] < 0.1 * size["model"] and size["step"] < size["model"]
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])
