@@ -18,8 +18,12 @@ then continues greedily (m = all: fully sampled), which keeps the text close to 
 at inference while varying it. Every row has its own mode, so one left-padded batch mixes them all. Only
 continuation tokens are targets. `--data FILE` gives either a JSONL file (`text`
 rows are trained on directly; `prompt` or `turns` rows are continued like the seeds) or a text file of
-blank-line-separated documents. The held-out split is by prompt (or document), so that no continuation of
-a held-out prompt is trained on.
+blank-line-separated documents. `--recipe passages` adds prompts that work on a given text: the base
+model first writes passages (news, emails, notes, tables, code, German text...), then continues summaries,
+questions, extraction, translation, rewriting and code tasks built on them (`train_recipe.py`).
+`--target-tokens N` sizes the self-distillation to about N generated tokens. The held-out split is by
+prompt (or document; a bundle of passages for the recipe), so that no continuation of a held-out prompt is
+trained on.
 
 Files in --out: `config.json` + `medusa_lm_head.safetensors` (FasterDecoding format, from `save_heads`),
 `accuracy.json` (held-out per-head top-1/top-5 and `rank_accuracy` [K][10], plus the run's metadata),
@@ -81,6 +85,8 @@ class TrainSettings:
     num_layers: int = 1
     shared_lm_head: bool = True
     data: Path | None = None
+    recipe: str = "seeds"  # seeds | passages (see train_recipe.py); without --data
+    target_tokens: int = 0  # >0: about this many generated tokens (sets num_samples); 0: num_samples
     resume: bool = False
     device: str = "auto"  # auto | cpu | cuda[:N]
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
@@ -417,6 +423,12 @@ def check_settings(settings: TrainSettings) -> None:
     if not (math.isfinite(settings.warmup) and 0 <= settings.warmup < 1):
         raise MedusaError(f"--warmup {settings.warmup}: must be in [0, 1)")
     check_train_out(settings.out, settings.resume or settings.force)
+    if settings.recipe not in ("seeds", "passages"):
+        raise MedusaError(f"unknown --recipe {settings.recipe!r}: use seeds or passages")
+    if settings.recipe != "seeds" and settings.data is not None:
+        raise MedusaError(f"--recipe {settings.recipe} makes its own data: drop --data (or the recipe)")
+    if settings.target_tokens < 0:
+        raise MedusaError(f"--target-tokens {settings.target_tokens}: must be 0 (use --num-samples) or more")
     if settings.data is not None and not settings.data.is_file():
         raise MedusaError(f"--data file not found: {settings.data}")
     if settings.draft_vocab and not settings.shared_lm_head:
@@ -573,6 +585,12 @@ def train_command(
     num_layers: Annotated[int, _opt("--num-layers", "residual blocks per head")] = _D.num_layers,
     shared_lm_head: _Shared = _D.shared_lm_head,
     data: _Data = None,
+    recipe: Annotated[
+        str, _opt("--recipe", "self-distillation prompts: seeds | passages (tasks on self-written passages)")
+    ] = _D.recipe,
+    target_tokens: Annotated[
+        int, _opt("--target-tokens", "about N generated tokens (sets --num-samples); 0: --num-samples")
+    ] = _D.target_tokens,
     resume: Annotated[bool, _opt("--resume", "continue from --out's checkpoint and cached data")] = False,
     device: Annotated[str, _opt("--device", "auto | cpu | cuda | cuda:N")] = _D.device,
     dtype: Annotated[
@@ -610,6 +628,8 @@ def train_command(
         num_layers=num_layers,
         shared_lm_head=shared_lm_head,
         data=data,
+        recipe=recipe,
+        target_tokens=target_tokens,
         resume=resume,
         device=device,
         dtype=dtype,

@@ -10,7 +10,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ DATA_FILE = "train_data.pt"
 # pass p >= 1 of self-distillation: sample the first m tokens (None: all) at temperature tau, then greedy
 SAMPLED_PASSES = ((0.8, 16), (1.0, 8), (0.7, None), (0.9, 32), (1.0, 24), (0.8, None))
 MIN_TARGETS = 3  # shorter sequences give no head-target
+GEN_WIDTH = 512  # generation batches hold at most gen_batch * GEN_WIDTH prompt + new tokens
 MIN_P = 0.05  # sampling keeps the tokens at least this fraction as likely as the most likely one
 
 
@@ -187,60 +188,104 @@ def generate_batch(
     return results
 
 
-def self_distill(
-    base: BaseModel, prompts: list[str], settings: TrainSettings, device, gen_batch: int
-) -> TrainData:
-    """Sequences = prompt + the base model's own continuation; only the continuation is a target."""
+def continue_prompts(
+    base: BaseModel,
+    encoded: list[list[int]],
+    jobs: list[GenJob],
+    max_new_tokens: int,
+    device,
+    gen_batch: int,
+    seed: int,
+    quiet: bool,
+    desc: str = "generating",
+) -> tuple[list[tuple[GenJob, list[int]]], dict[str, Any]]:
+    """Each job's continuation of its encoded prompt, in batches of similar prompt lengths (seeded per
+    batch; fewer than `gen_batch` rows where prompt + continuation exceed GEN_WIDTH tokens, which bounds
+    the prefill's attention memory): ([(job, new tokens)] in generation order, generation stats)."""
     import torch
     from tqdm import tqdm
 
-    encoded = [base.tokenizer.encode(p).ids[: max(1, settings.seq_len - MIN_TARGETS)] for p in prompts]
-    jobs = generation_jobs(len(prompts), settings.num_samples, settings.seed)
-    jobs.sort(key=lambda job: len(encoded[job.prompt]))  # similar prompt lengths share a batch
-    batches = [jobs[i : i + gen_batch] for i in range(0, len(jobs), gen_batch)]
-    sequences, starts, groups, generated = [], [], [], 0
+    batches: list[list[GenJob]] = []
+    for job in sorted(jobs, key=lambda job: len(encoded[job.prompt])):  # similar lengths share a batch
+        width = len(encoded[job.prompt]) + max_new_tokens  # the widest row yet: rows are sorted
+        last = batches[-1] if batches else []
+        if last and len(last) < gen_batch and (len(last) + 1) * width <= gen_batch * GEN_WIDTH:
+            last.append(job)
+        else:
+            batches.append([job])
+    pairs, generated = [], 0
     start = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc="generating", unit="seq", disable=settings.quiet, file=sys.stderr)
+    bar = tqdm(total=len(jobs), desc=desc, unit="seq", disable=quiet, file=sys.stderr)
     for number, batch in enumerate(batches):
-        torch.manual_seed(settings.seed * 100_003 + number)
-        outs = generate_batch(
-            base, [encoded[j.prompt] for j in batch], batch, settings.max_new_tokens, device
-        )
-        for job, new in zip(batch, outs, strict=True):
-            prompt = encoded[job.prompt]
-            generated += len(new)
-            if len(new) >= MIN_TARGETS:
-                sequences.append((prompt + new)[: settings.seq_len])
-                starts.append(len(prompt))
-                groups.append(job.prompt)
+        torch.manual_seed(seed * 100_003 + number)
+        outs = generate_batch(base, [encoded[j.prompt] for j in batch], batch, max_new_tokens, device)
+        pairs += zip(batch, outs, strict=True)
+        generated += sum(len(new) for new in outs)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.0f}")
     bar.close()
     seconds = time.perf_counter() - start
-    if not sequences:
-        raise MedusaError("the base model produced no continuation long enough to train on (EOS at once?)")
     meta = {
         "generated_tokens": generated,
         "generation_s": round(seconds, 2),
         "generation_tok_s": round(generated / max(seconds, 1e-9), 1),
     }
-    log(
-        f"generated {generated} tokens in {seconds:.1f}s ({meta['generation_tok_s']:.0f} tokens/s)",
-        settings.quiet,
-    )
+    log(f"generated {generated} tokens in {seconds:.1f}s ({meta['generation_tok_s']:.0f} tokens/s)", quiet)
+    return pairs, meta
+
+
+def distilled_data(
+    encoded: list[list[int]], pairs: list[tuple[GenJob, list[int]]], seq_len: int, meta: dict[str, Any]
+) -> TrainData:
+    """Sequences = prompt + continuation (cut to `seq_len`), only the continuation a target, grouped by
+    prompt; continuations shorter than MIN_TARGETS are left out."""
+    sequences, starts, groups = [], [], []
+    for job, new in pairs:
+        if len(new) >= MIN_TARGETS:
+            sequences.append((encoded[job.prompt] + new)[:seq_len])
+            starts.append(len(encoded[job.prompt]))
+            groups.append(job.prompt)
     return TrainData(sequences, starts, groups, {}, meta)
+
+
+def self_distill(
+    base: BaseModel, prompts: list[str], settings: TrainSettings, device, gen_batch: int
+) -> TrainData:
+    """Sequences = prompt + the base model's own continuation; only the continuation is a target."""
+    encoded = [base.tokenizer.encode(p).ids[: max(1, settings.seq_len - MIN_TARGETS)] for p in prompts]
+    jobs = generation_jobs(len(prompts), settings.num_samples, settings.seed)
+    pairs, meta = continue_prompts(
+        base, encoded, jobs, settings.max_new_tokens, device, gen_batch, settings.seed, settings.quiet
+    )
+    data = distilled_data(encoded, pairs, settings.seq_len, meta)
+    if not data.sequences:
+        raise MedusaError("the base model produced no continuation long enough to train on (EOS at once?)")
+    return data
+
+
+def sized(settings: TrainSettings, tokens: int) -> TrainSettings:
+    """`settings` with --num-samples set to about `tokens` generated tokens."""
+    return replace(settings, num_samples=max(1, math.ceil(tokens / settings.max_new_tokens)))
 
 
 def data_key(settings: TrainSettings) -> dict[str, Any]:
     """What the training data depends on: a cached copy with the same key is reused."""
-    source = "seeds:" + str(SEEDS_FILE) if settings.data is None else "file:" + str(settings.data.resolve())
-    path = SEEDS_FILE if settings.data is None else settings.data
-    stat = path.stat() if path.is_file() else None
+    if settings.data is not None:
+        source, paths = "file:" + str(settings.data.resolve()), [settings.data]
+    elif settings.recipe == "passages":
+        from .train_recipe import RECIPE_FILES
+
+        source, paths = "passages:" + ",".join(map(str, RECIPE_FILES)), list(RECIPE_FILES)
+    else:
+        source, paths = "seeds:" + str(SEEDS_FILE), [SEEDS_FILE]
+    stats = [path.stat() for path in paths if path.is_file()]
     return {
         "model": settings.model,
         "source": source,
-        "source_size": stat.st_size if stat else None,
-        "source_mtime": int(stat.st_mtime) if stat else None,
+        "source_size": sum(stat.st_size for stat in stats) if stats else None,
+        "source_mtime": max(int(stat.st_mtime) for stat in stats) if stats else None,
+        "recipe": settings.recipe,
+        "target_tokens": settings.target_tokens,
         "num_samples": settings.num_samples,
         "max_new_tokens": settings.max_new_tokens,
         "seq_len": settings.seq_len,
@@ -304,10 +349,16 @@ def prepare_data(base: BaseModel, settings: TrainSettings, device, gen_batch: in
             )
     if settings.data is not None:
         kind, items = read_data_file(settings.data)
-    else:
-        kind, items = "prompts", load_seed_prompts()
+    else:  # the passages recipe continues the seed prompts too
+        kind, items = ("passages" if settings.recipe == "passages" else "prompts"), load_seed_prompts()
+    if settings.target_tokens:
+        settings = sized(settings, settings.target_tokens)
     if kind == "texts":
         data = text_sequences(base.tokenizer, items, settings.seq_len)
+    elif kind == "passages":
+        from .train_recipe import recipe_data
+
+        data = recipe_data(base, items, settings, device, gen_batch)
     else:
         with stage(
             f"self-distillation: {settings.num_samples} continuations of {len(items)} prompts, "
@@ -316,7 +367,8 @@ def prepare_data(base: BaseModel, settings: TrainSettings, device, gen_batch: in
         ):
             data = self_distill(base, items, settings, device, gen_batch)
     data.key = key
-    data.meta.update(source=key["source"], kind=kind, num_items=len(items))
+    data.meta.update(source=key["source"], kind=kind)
+    data.meta.setdefault("num_items", len(items))
     save_data(data, path)
     return data, True
 

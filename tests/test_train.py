@@ -16,6 +16,7 @@ from conftest import SPECBENCH
 from medusa_export import train as tr
 from medusa_export import train_data as td
 from medusa_export import train_objective as to
+from medusa_export import train_recipe as rc
 from medusa_export.heads import load_heads
 from medusa_export.models import explicit_model
 from medusa_runtime.errors import MedusaError
@@ -117,7 +118,7 @@ def test_seed_prompts_are_many_varied_and_unique():
     assert len({row["category"] for row in rows}) >= 10
 
 
-def test_seed_prompts_are_not_benchmark_prompts():
+def test_seed_prompts_and_recipe_are_not_benchmark_prompts():
     def words(text: str) -> list[str]:
         return text.lower().split()
 
@@ -130,7 +131,14 @@ def test_seed_prompts_are_not_benchmark_prompts():
     ]
     bench = {" ".join(words(t)) for t in turns}
     bench_shingles = set().union(*(shingles(t) for t in turns))
-    for prompt in td.load_seed_prompts():
+
+    def strings(value) -> list[str]:  # every string in the --recipe passages files (topics, templates)
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        return [s for v in value for s in strings(v)] if isinstance(value, list) else [str(value)]
+
+    recipe = rc.load_recipe()
+    for prompt in td.load_seed_prompts() + strings(recipe.topics) + strings(recipe.templates):
         assert " ".join(words(prompt)) not in bench, prompt
         assert not shingles(prompt) & bench_shingles, prompt
 
