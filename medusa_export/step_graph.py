@@ -374,13 +374,19 @@ def share_weights(step_path, *model_paths) -> int:
             if info is not None:
                 known.setdefault((t.data_type, tuple(t.dims), hashlib.sha256(read(info)).digest()), info)
     step = onnx.load(str(step_path), load_external_data=False)
+    folded = _fold_weight_transposes(
+        step.graph,
+        external,
+        read,
+        lambda t, data: (t.data_type, tuple(t.dims), hashlib.sha256(data).digest()) in known,
+    )
     own_name = step_path.name + ".data"
     rest, shared = [], 0
     for t in step.graph.initializer:
         info = external(t)
         if info is None:
             continue
-        data = read(info)
+        data = folded[t.name] if t.name in folded else read(info)
         match = known.get((t.data_type, tuple(t.dims), hashlib.sha256(data).digest()))
         if match is not None:
             entries = {
@@ -411,6 +417,49 @@ def share_weights(step_path, *model_paths) -> int:
     _merge_initializers(step.graph)
     onnx.save(step, str(step_path))
     return shared
+
+
+def _fold_weight_transposes(graph, external, read, stored) -> dict[str, bytes]:
+    """Replace each Transpose of a stored 2-D weight by the transposed weight where that is stored already
+    (`stored(tensor, bytes)`: model.onnx holds it, folded by the exporter, which in a graph that chains
+    steps leaves the Transpose rather than fold one per use), so the bytes are stored once. Returns the new
+    tensors' bytes by name (external, no file yet)."""
+    import numpy as np
+    import onnx
+
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    folded: dict[str, bytes] = {}
+    keep_nodes = []
+    for node in graph.node:
+        t = inits.get(node.input[0]) if node.op_type == "Transpose" else None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if t is None or len(t.dims) != 2 or perm != [1, 0] or external(t) is None:
+            keep_nodes.append(node)
+            continue
+        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        bits = np.frombuffer(
+            read(external(t)), dtype={1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
+        )
+        data = np.ascontiguousarray(bits.reshape(t.dims).T).tobytes()
+        new = onnx.TensorProto(name=node.output[0], data_type=t.data_type, dims=list(reversed(t.dims)))
+        if not stored(new, data):
+            keep_nodes.append(node)
+            continue
+        folded[new.name] = data
+        new.data_location = onnx.TensorProto.EXTERNAL
+        new.external_data.add(key="location", value="")
+        graph.initializer.append(new)
+        consumers[t.name] -= 1
+    del graph.node[:]
+    graph.node.extend(keep_nodes)
+    unused = [t for t in graph.initializer if consumers.get(t.name, 1) == 0]
+    for t in unused:
+        graph.initializer.remove(t)
+    return folded
 
 
 def _merge_initializers(graph) -> None:

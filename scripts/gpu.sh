@@ -2,8 +2,8 @@
 # The GPU-host runs behind README/BENCHMARKS.md figures. The host needs onnxruntime-gpu, gguf and the model
 # staged onto it first (this workplace stages them as wheels; elsewhere: pip install -e ".[gpu]").
 # Run from the repo root on the GPU host after the staged wheels are installed into /tmp/site:
-#   bash scripts/gpu.sh SUBCOMMAND [options]; this round: prepare, validate-fp32, validate-lookup, step, speed,
-#   lookup, serve   (logs and results go to $OUT)
+#   bash scripts/gpu.sh SUBCOMMAND [options]; this round: train, prepare, gqa, validate-fp32, validate-lookup, step,
+#   speed, lookup, serve   (logs and results go to $OUT)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD:$PWD/runtime HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -71,6 +71,10 @@ print('CUDA EP options: use_tf32 =', rt.backend.session.get_provider_options()['
   validate-lookup)  # fp32 token identity of heads + prompt-lookup chains on the fused CUDA-graph step
     cli validate "$ART/gemma3-270m-fp32-step" --prompts "$PROMPTS" --backend ort-cuda-graph --lookup "${2:-2x8}" \
       --limit "${3:-48}" --max-new-tokens 64 2>&1 | tee "$OUT/validate-lookup-fp32.log" | tail -3 || true ;;
+  gqa)  # what com.microsoft GroupQueryAttention does here (share-buffer in place, window convention), with and
+        # without a CUDA graph
+    for g in "" --cuda-graph; do python3 scripts/gqa_check.py --device cuda --dtype bf16 $g; done 2>&1 \
+      | tee "$OUT/gqa-check.log" ;;
   step)  # per-step table: plain, 16/32/64 nodes; host loop vs fused vs fused + CUDA graph; kernels (costliest by
          # name), host time, nodes; DTYPES="bf16 fp32" by default
     for d in ${DTYPES:-bf16 fp32}; do
@@ -100,5 +104,5 @@ print('CUDA EP options: use_tf32 =', rt.backend.session.get_provider_options()['
     python3 scripts/serve_load.py "$ART/gemma3-270m-bf16-step" --backend "${2:-ort-cuda-graph}" \
       --concurrency 1,4,16 --requests 8 --max-tokens 64 --max-workers 8 --long-tokens 1500 \
       --out "$OUT/serve-load.json" 2>&1 | tee "$OUT/serve-load.log" ;;
-  *) echo "usage: $0 train|export|validate|bench NAME|profile|prepare|validate-fp32 [N]|validate-lookup [L] [N]|step|speed|lookup [L] [PER_CATEGORY]|serve [BACKEND]" >&2; exit 2 ;;
+  *) echo "usage: $0 train|export|validate|bench NAME|profile|prepare|gqa|validate-fp32 [N]|validate-lookup [L] [N]|step|speed|lookup [L] [PER_CATEGORY]|serve [BACKEND]" >&2; exit 2 ;;
 esac
