@@ -156,7 +156,7 @@ def export_onnx(
             )
         step = None
         if gpu_step:
-            from .step_graph import PLAIN_FILE, PLAIN_STEPS, STEP_FILE, export_step, share_weights
+            from .step_graph import PLAIN_FILE, STEP_FILE, export_step, share_weights
 
             if opset < 23:
                 raise MedusaError("--gpu-step needs --opset 23 (the ONNX Attention op)")
@@ -166,18 +166,11 @@ def export_onnx(
                     graph, tmp / STEP_FILE, max_seq, kv_dtype, torch_dtype_of(dtype), native
                 )
                 export_step(
-                    graph,
-                    tmp / PLAIN_FILE,
-                    max_seq,
-                    kv_dtype,
-                    torch_dtype_of(dtype),
-                    native,
-                    False,
-                    PLAIN_STEPS,
+                    graph, tmp / PLAIN_FILE, max_seq, kv_dtype, torch_dtype_of(dtype), native, draft=False
                 )
                 share_weights(tmp / STEP_FILE, tmp / "model.onnx")  # one copy of the weights on disk
                 share_weights(tmp / PLAIN_FILE, tmp / "model.onnx", tmp / STEP_FILE)
-            step = StepSection(GraphIO(tuple(ins), tuple(outs)), max_seq, native, PLAIN_STEPS)
+            step = StepSection(GraphIO(tuple(ins), tuple(outs)), max_seq, native)
         base.tokenizer.save(str(tmp / "tokenizer.json"))
         files = {"model": "model.onnx", "commit": "kv_commit.onnx", "tokenizer": "tokenizer.json"}
         if step is not None:

@@ -43,9 +43,6 @@ from .models.common import apply_rope, attend, fused_onnx_ops, rms_norm, rope
 
 STEP_FILE = "step.onnx"
 PLAIN_FILE = "step_plain.onnx"  # the same step without the heads, for plain decoding (N = 1)
-# greedy steps step_plain.onnx chains in one run: the host's share of a plain step (0.42 ms of 2.43 on an
-# H200: the run call, the result's copy back, the loop) is paid once for this many tokens
-PLAIN_STEPS = 4
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, native: bool) -> torch.Tensor:
@@ -208,19 +205,6 @@ class StepGraph(nn.Module):
         return g.draft_ids[top] if g.draft_ids is not None else top
 
     def forward(self, tokens, length, depth, ancestors, retrieve, tree_indices, *caches):
-        tree = (depth, ancestors, retrieve, tree_indices)
-        nxt, length, result, caches = self._step(tokens, length, *tree, caches)
-        if self.steps == 1:
-            return (nxt, length, result, *caches)
-        emitted = [result[:1]]  # plain decoding: one token a step, the root
-        for _ in range(self.steps - 1):
-            nxt, length, result, caches = self._step(nxt, length, *tree, caches)
-            emitted.append(result[:1])
-        counts = torch.tensor([self.steps, 0], dtype=torch.int64)  # emitted, last accepted node (the root)
-        return (nxt, length, torch.cat((*emitted, counts)), *caches)
-
-    def _step(self, tokens, length, depth, ancestors, retrieve, tree_indices, caches):
-        """One step: (next tokens, next length, step result, updated caches)."""
         positions = length + depth  # [N]
         masks = self._masks(length, positions, ancestors)
         hidden, new_kv = self._decoder(tokens, positions, masks, caches)
@@ -266,10 +250,10 @@ class StepGraph(nn.Module):
                 updated.append(cache.index_put(at, new.squeeze(0).index_select(0, path)))  # [D+1, KV, D]
 
         if not self.draft:  # the plain-decoding variant: no heads, every node (the one root) gets the root
-            return torch.zeros_like(tree_indices) + root, length + count, result, updated
+            return (torch.zeros_like(tree_indices) + root, length + count, result, *updated)
         draft = self._draft(hidden[0].index_select(0, last))  # [K, topk]
         nxt = torch.cat((root, draft.reshape(-1)))[tree_indices]
-        return nxt, length + count, result, updated
+        return (nxt, length + count, result, *updated)
 
 
 def export_step(
@@ -280,11 +264,9 @@ def export_step(
     torch_dtype,
     native: bool = False,
     draft: bool = True,
-    steps: int = 1,
 ) -> tuple[list, list]:
     """Trace StepGraph(graph) to `path` (external data beside it); returns the (inputs, outputs) specs.
-    draft=False: the plain-decoding variant (step_plain.onnx, root-only tree): no heads projection, and
-    `steps` greedy steps chained in one run (one host round trip for several tokens)."""
+    draft=False: the plain-decoding variant (step_plain.onnx, root-only tree): no heads projection."""
     import onnx
 
     from .onnx_export import _rename_dims
@@ -292,7 +274,7 @@ def export_step(
     cfg = graph.decoder.cfg
     inputs = contract.step_inputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, capacity)
     outputs = contract.step_outputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, capacity)
-    step = StepGraph(graph, capacity, native, draft, steps).eval()
+    step = StepGraph(graph, capacity, native, draft).eval()
     args = sample_step_inputs(cfg, capacity, torch_dtype)
     nodes, paths, plen = (torch.export.Dim(s, min=1, max=1024) for s in contract.STEP_SYMBOLS)
     dims = {"nodes": nodes, "paths": paths, "path_len": plen}
@@ -414,16 +396,15 @@ def share_weights(step_path, *model_paths) -> int:
             for key, value in (("location", own_name), ("offset", written[digest]), ("length", len(data))):
                 t.external_data.add(key=key, value=str(value))
     tmp.replace(folder / own_name)
-    _merge_initializers(step.graph)
     onnx.save(step, str(step_path))
     return shared
 
 
 def _fold_weight_transposes(graph, external, read, stored) -> dict[str, bytes]:
-    """Replace each Transpose of a stored 2-D weight by the transposed weight where that is stored already
-    (`stored(tensor, bytes)`: model.onnx holds it, folded by the exporter, which in a graph that chains
-    steps leaves the Transpose rather than fold one per use), so the bytes are stored once. Returns the new
-    tensors' bytes by name (external, no file yet)."""
+    """Replace each Transpose of a stored 2-D weight by the transposed weight where those bytes are stored
+    already (`stored(tensor, bytes)`: model.onnx or step.onnx holds them, folded by the exporter, which
+    leaves some weights' Transposes unfolded in step_plain.onnx), so that they are stored once. Returns the
+    new tensors' bytes by name (external, no file yet)."""
     import numpy as np
     import onnx
 
@@ -460,28 +441,3 @@ def _fold_weight_transposes(graph, external, read, stored) -> dict[str, bytes]:
     for t in unused:
         graph.initializer.remove(t)
     return folded
-
-
-def _merge_initializers(graph) -> None:
-    """One initializer per stored tensor: the exporter folds a weight's transpose once per use, so a graph
-    that chains several steps holds a copy per step (same bytes on disk by now, but ONNX Runtime would load
-    each). Uses are renamed to the first; the others are dropped."""
-    first: dict[tuple, str] = {}
-    rename: dict[str, str] = {}
-    keep = []
-    for t in graph.initializer:
-        info = tuple(sorted((e.key, e.value) for e in t.external_data))
-        key = (t.data_type, tuple(t.dims), info)
-        if info and key in first:
-            rename[t.name] = first[key]
-        else:
-            first.setdefault(key, t.name)
-            keep.append(t)
-    if not rename:
-        return
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]

@@ -7,8 +7,7 @@ For the plain step (root-only tree, N = 1) and each tree: the host loop (`decode
 one model.onnx run + kv_commit + host acceptance a step), the fused step without a CUDA graph, and the
 fused step replayed from a captured CUDA graph (`ort-cuda-graph`), and that with two caches in ping-pong
 instead of one updated in place (does ScatterND skip its full-cache copy when aliased?). Each is timed per step of its decode
-generator (host work included: what a user waits for), the mean over --steps steps after --warmup (the
-chained plain variant yields its several steps' tokens from one run), on a
+generator (host work included: what a user waits for), median over --steps steps after --warmup, on a
 Spec-Bench prompt, heads' own drafts. With torch + CUPTI on the machine, a profiled stretch gives the
 kernels per step and their summed GPU time (and the costliest kernel names); host = wall - GPU busy. Node counts: the ONNX file's and the
 graph ONNX Runtime runs after its fusions. First it checks that all three give the same tokens.
@@ -66,7 +65,7 @@ def timed_steps(kind, backend, ids, tree, window, warmup, steps, profile):
     if profile:
         kernels, gpu, top = profiled(gen, 20)
     gen.close()
-    return statistics.fmean(times), len(tokens) / (warmup + steps), kernels, gpu, top
+    return statistics.median(times), len(tokens) / (warmup + steps), kernels, gpu, top
 
 
 def by_name(kernels, n: int, keep: int = 12) -> list[tuple[str, float, float]]:

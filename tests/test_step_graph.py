@@ -41,10 +41,7 @@ def test_step_graph_is_in_the_artifact_with_matmul_attention_and_on_device_commi
     meta = json.loads((folder / "artifact.json").read_text())
     assert meta["files"]["step"] == "step.onnx" and meta["step"]["capacity"] == 256
     assert meta["files"]["step_plain"] == "step_plain.onnx"  # plain decoding: the step without the heads
-    plain = count_nodes(folder / "step_plain.onnx")
-    assert "TopK" not in plain
-    # plain decoding chains plain_steps greedy steps in one run: each writes K and V of 2 layers
-    assert meta["step"]["plain_steps"] == 4 and plain["ScatterND"] == 4 * 4
+    assert "TopK" not in count_nodes(folder / "step_plain.onnx")
     names = [s["name"] for s in meta["step"]["io"]["inputs"]]
     assert names[:6] == [contract.STEP_TOKENS, contract.STEP_LENGTH, *contract.STEP_TREE]
     ops = count_nodes(folder / "step.onnx")
@@ -56,14 +53,7 @@ def test_step_graph_is_in_the_artifact_with_matmul_attention_and_on_device_commi
     # the weights are stored once: step.onnx points at model.onnx.data for every tensor both graphs share
     # and holds the joined projections; step_plain.onnx points at those two
     size = {name: (folder / f"{name}.onnx.data").stat().st_size for name in ("model", "step", "step_plain")}
-    assert size["step_plain"] < 0.4 * size["model"] and size["step"] < size["model"]
-    # and loaded once: the chained plain steps use one initializer per weight, not a copy per step
-    import onnx
-
-    held = onnx.load(str(folder / "step_plain.onnx"), load_external_data=False).graph.initializer
-    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in held) <= len(
-        onnx.load(str(folder / "step.onnx"), load_external_data=False).graph.initializer
-    )
+    assert size["step_plain"] < 0.1 * size["model"] and size["step"] < size["model"]
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])

@@ -1,5 +1,4 @@
-"""The Medusa loop over a fused-step backend (backends/ort_step.py): greedy only, one graph run a step
-(plain decoding: a run chains several steps).
+"""The Medusa loop over a fused-step backend (backends/ort_step.py): greedy only, one graph run a step.
 
 prefill (model.onnx) -> the first tree from the prefill's draft, uploaded once -> [step.onnx: verify,
 accept, commit the path's KV, draft the next tree, all on the device] ... Per step the host reads only
@@ -36,9 +35,6 @@ def decode(
     while True:
         emitted, last = runner.step()
         context += emitted
-        if runner.steps > 1:  # plain decoding, several greedy steps a run: still one Step a token
-            yield from (Step([t], ()) for t in emitted)
-            continue
         yield Step(emitted, tree.path(last), tree.source(last))
         if drafter is not None:
             draft = drafter(context, np.zeros(shape, np.int64))

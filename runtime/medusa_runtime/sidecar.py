@@ -36,17 +36,10 @@ def read_json(path: Path) -> dict:
     return data
 
 
-_OMIT_DEFAULT = {"omit_default": True}  # field metadata: left out of the JSON while it holds its default
-
-
 def _plain(value: Any) -> Any:
     """JSON-ready copy: dataclasses as objects (fields in declaration order), tuples as lists."""
     if is_dataclass(value):
-        return {
-            f.name: _plain(getattr(value, f.name))
-            for f in fields(value)
-            if not (f.metadata.get("omit_default") and getattr(value, f.name) == f.default)
-        }
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -232,18 +225,16 @@ class GraphIO(_Section):
 
 @dataclass(frozen=True)
 class StepSection(_Section):
-    """The fused step graph (step.onnx, `--gpu-step`): its I/O, KV capacity, whether it runs natively in
-    the artifact's dtype, and how many greedy steps step_plain.onnx chains in one run."""
+    """The fused step graph (step.onnx, `--gpu-step`): its I/O, KV capacity, and whether it runs natively
+    in the artifact's dtype."""
 
     io: GraphIO
     capacity: int
     native_dtype: bool
-    plain_steps: int = field(default=1, metadata=_OMIT_DEFAULT)  # absent from artifacts before it existed
 
     @classmethod
     def from_json(cls, o: _Obj) -> StepSection:
-        io, capacity, native = GraphIO.from_json(o.obj("io")), o.int("capacity"), o.bool("native_dtype")
-        return cls(io, capacity, native, o.int("plain_steps", least=1, default=1))
+        return cls(GraphIO.from_json(o.obj("io")), o.int("capacity"), o.bool("native_dtype"))
 
 
 @dataclass(frozen=True)

@@ -232,10 +232,8 @@ class StepRunner:
         consts = step_tree_inputs(tree, art.num_heads, art.topk)
         n, (paths, plen) = tree.num_nodes, tree.retrieve_indices.shape
         self.num_nodes, self.path_len = n, plen
-        # plain decoding (root only) runs the variant without the heads when the artifact has it, which
-        # chains `steps` greedy steps in one run (one token each)
+        # plain decoding (root only) runs the variant without the heads when the artifact has it
         self.role = "step_plain" if n == 1 and "step_plain" in art.sidecar.files else "step"
-        self.steps = art.sidecar.step.plain_steps if self.role == "step_plain" else 1
         dims = dict(zip(contract.STEP_SYMBOLS, (n, paths, plen)))
         ort = backend.ort
         try:
@@ -251,7 +249,7 @@ class StepRunner:
         self.consts = {name: backend._value(array) for name, array in consts.items()}
         self.tokens = [backend._alloc([n], "int64") for _ in range(2)]
         self.length = [backend._alloc([1], "int64") for _ in range(2)]
-        self.result = backend._alloc([max(plen, self.steps) + 2], "int64")
+        self.result = backend._alloc([plen + 2], "int64")
         idx = np.asarray(tree.tree_indices)
         self.lookup_nodes = np.flatnonzero(idx >= tree.lookup_start) if tree.lookup_chains else None
         self.lookup_slots = None if self.lookup_nodes is None else idx[self.lookup_nodes] - tree.lookup_start
@@ -303,11 +301,12 @@ class StepRunner:
             buffer.update_inplace(tokens)
 
     def step(self) -> tuple[list[int], int]:
-        """One run: (emitted tokens, last accepted node); `steps` tokens for the chained plain variant."""
+        """One fused step: (emitted tokens, last accepted node)."""
         b = self.backend
-        if b.length + max(self.num_nodes, self.steps) > b.capacity:
-            what = f"{self.steps} plain steps" if self.steps > 1 else f"a {self.num_nodes}-node tree"
-            raise MedusaError(f"KV cache full: {b.length} + {what} exceed max_seq {b.capacity}")
+        if b.length + self.num_nodes > b.capacity:
+            raise MedusaError(
+                f"KV cache full: {b.length} + a {self.num_nodes}-node tree exceed max_seq {b.capacity}"
+            )
         p = self.parity
         capturing = self.backend.cuda_graph and self.runs[p] < CAPTURE_RUNS
         with GPU_LOCK.exclusive() if capturing else GPU_LOCK.shared():
