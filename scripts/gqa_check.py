@@ -72,6 +72,7 @@ def session(ort, dtype: str, window: int, device: str, graph: bool):
         ],
     )
     model = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10  # what ONNX Runtime 1.2x-1.3x reads (onnx's helper writes its newest)
     if device == "cuda":
         providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1" if graph else "0"})]
     else:

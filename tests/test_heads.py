@@ -371,3 +371,22 @@ def test_resolve_heads(tmp_path: Path) -> None:
 def test_resolve_heads_refuses_bad_specs(spec: str) -> None:
     with pytest.raises(MedusaError, match="Medusa heads spec"):
         resolve_heads(spec, H, V)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in heads_module.SHIPPED_HEADS.iterdir() if p.is_dir()))
+def test_shipped_heads_load_by_name_with_their_trees(name: str) -> None:
+    """Every heads folder in heads/ loads by its name for Gemma 3 270M (640 wide, 262,144 tokens), finite,
+    with an accuracy record and the trees built from it."""
+    from medusa_runtime.tree import build_tree, expected_accept_length, load_choices
+
+    heads = resolve_heads(name, 640, 262144)
+    assert heads.num_heads == 4 and all(torch.isfinite(p).all() for p in heads.parameters())
+    folder = heads_module.SHIPPED_HEADS / name
+    accuracy = json.loads((folder / "accuracy.json").read_text())
+    assert len(accuracy["top1"]) == heads.num_heads
+    expected = []
+    for n in (4, 8, 16, 32, 64):
+        _, choices = load_choices(folder / "trees" / f"gemma3-270m-{n}.json")
+        assert build_tree(choices, heads.num_heads).num_nodes == n  # the root included
+        expected.append(expected_accept_length(choices, accuracy["rank_accuracy"]))
+    assert expected == sorted(expected) and expected[0] > 1.0  # bigger trees are predicted to accept more
