@@ -73,7 +73,7 @@ print('CUDA EP options: use_tf32 =', rt.backend.session.get_provider_options()['
       --limit "${3:-48}" --max-new-tokens 64 2>&1 | tee "$OUT/validate-lookup-fp32.log" | tail -3 || true ;;
   gqa)  # what com.microsoft GroupQueryAttention does here (share-buffer in place, window convention), with and
         # without a CUDA graph
-    for g in "" --cuda-graph; do python3 scripts/gqa_check.py --device cuda --dtype bf16 $g; done 2>&1 \
+    for g in "" --cuda-graph; do python3 scripts/gqa_check.py --device cuda --dtype fp16 $g; done 2>&1 \
       | tee "$OUT/gqa-check.log" ;;
   step)  # per-step table: plain, 16/32/64 nodes; host loop vs fused vs fused + CUDA graph; kernels (costliest by
          # name), host time, nodes; DTYPES="bf16 fp32" by default

@@ -1,6 +1,6 @@
 """What ONNX Runtime's com.microsoft GroupQueryAttention does on this machine, for the plain decode step.
 
-    python3 scripts/gqa_check.py [--device cuda|cpu] [--dtype bf16|fp16|fp32] [--cuda-graph]
+    python3 scripts/gqa_check.py [--device cuda|cpu] [--dtype fp16|fp32] [--cuda-graph]
 
 One query token at slot L over a cache bound at full capacity and shared with the present output (the
 past_present_share_buffer mode): is the new K/V row written in place at slot L, are the other rows kept,
@@ -8,7 +8,11 @@ and which keys does `local_window_size = W` let the token see (the last W keys, 
 window, or W + 1)? Compares with a float64 reference for windows -1 (none), W and W + 1, at several L
 (also L beyond W, where the window matters), with fresh random inputs each time. With --cuda-graph the
 session captures a CUDA graph and replays it with new seqlens_k values on the device (total_sequence_length
-stays at the capacity). Prints one line per case and a verdict.
+stays at the capacity). Prints one line per case and a verdict. fp16 stands in for bf16 (the same kernels;
+ONNX Runtime's Python API cannot read a bf16 tensor back).
+
+H200, onnxruntime-gpu 1.31.1, fp16, with and without a CUDA graph (2026-11-30): in place, other rows kept,
+`local_window_size = W` sees the last W keys (Hugging Face's sliding window), relative error 2.7e-4.
 """
 
 from __future__ import annotations
@@ -18,22 +22,15 @@ import argparse
 import numpy as np
 
 H, KV, D, CAP, W = 4, 1, 256, 64, 8  # Gemma 3 270M's heads and head size; a small window and cache
-ELEM = {"fp32": 1, "fp16": 10, "bf16": 16}  # ONNX element types
+ELEM = {"fp32": 1, "fp16": 10}  # ONNX element types
 
 
 def to_bits(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values as the stored array of `dtype` (bf16 as its uint16 bit pattern, rounded to nearest even)."""
-    if dtype == "fp32":
-        return x.astype(np.float32)
-    if dtype == "fp16":
-        return x.astype(np.float16)
-    u = x.astype(np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    """float32 values as the stored array of `dtype`."""
+    return x.astype(np.float16 if dtype == "fp16" else np.float32)
 
 
 def from_bits(x: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bf16":
-        return (x.astype(np.uint32) << 16).view(np.float32)
     return x.astype(np.float32)
 
 
@@ -41,7 +38,7 @@ def session(ort, dtype: str, window: int, device: str, graph: bool):
     from onnx import TensorProto as T
     from onnx import helper as h
 
-    t = {"fp32": T.FLOAT, "fp16": T.FLOAT16, "bf16": T.BFLOAT16}[dtype]
+    t = {"fp32": T.FLOAT, "fp16": T.FLOAT16}[dtype]
     node = h.make_node(
         "GroupQueryAttention",
         ["q", "k", "v", "past_k", "past_v", "seqlens_k", "total"],
@@ -94,7 +91,7 @@ def reference(q, keys, values, length: int, window: int | None) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bf16", choices=sorted(ELEM))
+    ap.add_argument("--dtype", default="fp16", choices=sorted(ELEM))
     ap.add_argument("--cuda-graph", action="store_true")
     args = ap.parse_args()
     import onnxruntime as ort
@@ -158,7 +155,9 @@ def main() -> None:
         )
         verdicts[window] = (in_place and kept, best, worst[best])
     ok = verdicts[-1][:2] == (True, None) and verdicts[W][0]
-    print(f"verdict: share-buffer {'works' if ok else 'FAILS'}; local_window_size=W sees {verdicts[W][1]} keys")
+    print(
+        f"verdict: share-buffer {'works' if ok else 'FAILS'}; local_window_size=W sees {verdicts[W][1]} keys"
+    )
 
 
 if __name__ == "__main__":
