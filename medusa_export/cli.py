@@ -104,6 +104,13 @@ def onnx(
             help="also step.onnx: the fused, CUDA-graph-capturable step (backend ort-cuda-graph)",
         ),
     ] = False,
+    plain_attention: Annotated[
+        str,
+        typer.Option(
+            "--plain-attention",
+            help="attention of the plain step graph: matmul | gqa (GroupQueryAttention, one KV head)",
+        ),
+    ] = "matmul",
 ):
     """Trace base model + Medusa heads into ONNX (+ sidecar, tokenizer) with tree-mask and tree-position inputs."""
     from .onnx_export import export_onnx
@@ -122,6 +129,7 @@ def onnx(
         weights=weights,
         default_trees={"cpu": default_tree_cpu, "gpu": default_tree_gpu},
         gpu_step=gpu_step,
+        plain_attention=plain_attention,
     )
     typer.echo(f"wrote {path}")
 

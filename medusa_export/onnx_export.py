@@ -72,11 +72,14 @@ def export_onnx(
     gpu_step: bool = False,
     weights: str = "fp",
     default_trees: dict[str, str] | None = None,
+    plain_attention: str = "matmul",
 ) -> Path:
     """Export MODEL + HEADS to the artifact folder `out` (written atomically). Returns `out`.
 
     `out` must be new, empty, or (with `force`) an earlier artifact; it may not overlap the inputs.
-    `gpu_step`: also the fused step graph step.onnx (medusa_export.step_graph; needs opset 23).
+    `gpu_step`: also the fused step graph step.onnx (medusa_export.step_graph; needs opset 23), and
+    step_plain.onnx, whose attention is `plain_attention`: matmul (as step.onnx) or gqa (com.microsoft
+    GroupQueryAttention: one KV head; bf16/fp16 on CUDA, any dtype on the CPU EP).
     `weights`: fp (the dtype's own weights) or int4/int8 block-quantized MatMuls (medusa_export.quantize).
     `default_trees`: the default tree per device class ({"cpu": ..., "gpu": ...}; either defaults to
     `default_tree`)."""
@@ -99,6 +102,10 @@ def export_onnx(
         med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
         check_finite(med, heads)
         drafts = draft_ids(heads, draft_vocab, cfg.vocab_size)
+    if plain_attention == "gqa" and cfg.num_kv_heads != 1:
+        raise MedusaError(
+            f"--plain-attention gqa needs one KV head (the cache layouts then agree); {model} has {cfg.num_kv_heads}"
+        )
     head_vocab = cfg.vocab_size if drafts is None else len(drafts)
     served = _served_trees(trees, med.num_heads, heads)
     if not served:
@@ -124,6 +131,10 @@ def export_onnx(
             )
     if weights != "fp" and dtype != "fp32":
         raise MedusaError(f"--weights {weights} quantizes from fp32 activations: use --dtype fp32")
+    if plain_attention not in ("matmul", "gqa"):
+        raise MedusaError(f"--plain-attention {plain_attention!r}: use matmul or gqa")
+    if plain_attention == "gqa" and not gpu_step:
+        raise MedusaError("--plain-attention applies to the fused step graphs: add --gpu-step")
     if weights != "fp" and gpu_step:
         raise MedusaError("--gpu-step does not quantize its weights yet: use --weights fp with --gpu-step")
 
@@ -166,7 +177,14 @@ def export_onnx(
                     graph, tmp / STEP_FILE, max_seq, kv_dtype, torch_dtype_of(dtype), native
                 )
                 export_step(
-                    graph, tmp / PLAIN_FILE, max_seq, kv_dtype, torch_dtype_of(dtype), native, draft=False
+                    graph,
+                    tmp / PLAIN_FILE,
+                    max_seq,
+                    kv_dtype,
+                    torch_dtype_of(dtype),
+                    native,
+                    draft=False,
+                    gqa=plain_attention == "gqa",
                 )
                 share_weights(tmp / STEP_FILE, tmp / "model.onnx")  # one copy of the weights on disk
                 share_weights(tmp / PLAIN_FILE, tmp / "model.onnx", tmp / STEP_FILE)

@@ -72,6 +72,29 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: bool) -
     return flat.reshape(b, t, h, d)
 
 
+def _gqa(q, k, v, past_k, past_v, seqlens, total, window: int, scaling: float):
+    """com.microsoft GroupQueryAttention of the new rows q, k, v [1, N, heads, D] over a [1, KV, capacity, D]
+    cache holding `seqlens` (int32 [1]) rows: the new K/V are written at that slot, then attended to (causal,
+    the last `window` keys on sliding-window layers, -1: all). Returns (out [1, N, heads * D], present key,
+    present value); the presents are the cache itself when bound to its buffer (past_present_share_buffer).
+    scripts/gqa_check.py checks those semantics on a machine's ONNX Runtime."""
+    b, n, h, d = q.shape
+    out, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::GroupQueryAttention",
+        (q.reshape(b, n, h * d), k.reshape(b, n, -1), v.reshape(b, n, -1), past_k, past_v, seqlens, total),
+        {
+            "num_heads": h,
+            "kv_num_heads": past_k.shape[1],
+            "local_window_size": window,
+            "scale": float(scaling),
+        },
+        dtypes=(q.dtype, past_k.dtype, past_v.dtype),
+        shapes=((b, n, h * d), past_k.shape, past_v.shape),
+        version=1,
+    )
+    return out, present_k, present_v
+
+
 def _joined(*linears: nn.Linear) -> nn.Linear:
     """One Linear computing the given ones side by side (outputs concatenated): one GEMM launch instead of
     several on the same input. Each output column is the same dot product as before."""
@@ -93,18 +116,12 @@ class StepGraph(nn.Module):
     """forward(tokens, length, depth, ancestors, retrieve, tree_indices, *caches) in contract order."""
 
     def __init__(
-        self, graph: MedusaGraph, capacity: int, native: bool = False, draft: bool = True, steps: int = 1
+        self, graph: MedusaGraph, capacity: int, native: bool = False, draft: bool = True, gqa: bool = False
     ):
         super().__init__()
-        if steps > 1 and draft:
-            raise ValueError("only the plain-decoding variant (draft=False) runs several steps a replay")
-        self.medusa, self.capacity, self.native, self.draft, self.steps = (
-            graph,
-            capacity,
-            native,
-            draft,
-            steps,
-        )
+        if gqa and (draft or graph.decoder.cfg.num_kv_heads != 1):
+            raise ValueError("GroupQueryAttention serves the plain step (draft=False) of a one-KV-head model")
+        self.medusa, self.capacity, self.native, self.draft, self.gqa = graph, capacity, native, draft, gqa
         dec = graph.decoder
         self.family = dec.cfg.family
         self.gemma = self.family == "gemma3_text"
@@ -166,10 +183,15 @@ class StepGraph(nn.Module):
                 q = _rms(q, a.q_norm.weight, eps, 1.0, native)
                 k = _rms(k, a.k_norm.weight, eps, 1.0, native)
             q, k = _rope(q, cos, sin, native), _rope(k, cos, sin, native)
-            new_kv.append((k, v))
-            k_all = torch.cat((caches[2 * i], k), dim=1)  # [1, capacity + N, KV, D]
-            v_all = torch.cat((caches[2 * i + 1], v), dim=1)
-            attn = attend(q, k_all, v_all, masks[1] if cfg.sliding_layers[i] else masks[0], scaling)
+            if self.gqa:  # masks: (seqlens_k, total_length); the cache comes back with this row in it
+                window = cfg.sliding_window if cfg.sliding_layers[i] else -1
+                attn, *present = _gqa(q, k, v, caches[2 * i], caches[2 * i + 1], *masks, window, scaling)
+                new_kv.append(present)
+            else:
+                new_kv.append((k, v))
+                k_all = torch.cat((caches[2 * i], k), dim=1)  # [1, capacity + N, KV, D]
+                v_all = torch.cat((caches[2 * i + 1], v), dim=1)
+                attn = attend(q, k_all, v_all, masks[1] if cfg.sliding_layers[i] else masks[0], scaling)
             attn = a.o_proj(attn)
             if self.gemma:
                 x = x + _rms(attn, layer.post_attention_layernorm.weight, eps, 1.0, native)
@@ -188,6 +210,16 @@ class StepGraph(nn.Module):
                 x = x + layer.mlp.down_proj(F.silu(gate) * up)
         return _rms(x, m.norm.weight, eps, off, native), new_kv
 
+    def _plain_gqa(self, tokens, length, tree_indices, total, caches):
+        """The plain step over GroupQueryAttention: the root's K/V go into the cache at slot `length` inside
+        the attention operator (in place when the output is bound to the input's buffer), so there is no
+        mask, concatenation or commit to run."""
+        hidden, presents = self._decoder(tokens, length, (length.to(torch.int32), total), caches)
+        root = torch.argmax(self.medusa.decoder.project(hidden[0]).float(), dim=-1)  # [1]
+        result = torch.cat((root, torch.tensor([1, 0], dtype=torch.int64)))  # emitted, count 1, last node 0
+        updated = [cache for pair in presents for cache in pair]
+        return (torch.zeros_like(tree_indices) + root, length + 1, result, *updated)
+
     # -- the draft of the next tree at one row ----------------------------------------------------------
     def _draft(self, hidden_row: torch.Tensor) -> torch.Tensor:
         """The heads' top-k token ids [K, topk] at one final-normed hidden row [1, C]."""
@@ -205,6 +237,8 @@ class StepGraph(nn.Module):
         return g.draft_ids[top] if g.draft_ids is not None else top
 
     def forward(self, tokens, length, depth, ancestors, retrieve, tree_indices, *caches):
+        if self.gqa:
+            return self._plain_gqa(tokens, length, tree_indices, caches[0], caches[1:])
         positions = length + depth  # [N]
         masks = self._masks(length, positions, ancestors)
         hidden, new_kv = self._decoder(tokens, positions, masks, caches)
@@ -264,18 +298,20 @@ def export_step(
     torch_dtype,
     native: bool = False,
     draft: bool = True,
+    gqa: bool = False,
 ) -> tuple[list, list]:
     """Trace StepGraph(graph) to `path` (external data beside it); returns the (inputs, outputs) specs.
-    draft=False: the plain-decoding variant (step_plain.onnx, root-only tree): no heads projection."""
+    draft=False: the plain-decoding variant (step_plain.onnx, root-only tree): no heads projection; with
+    `gqa`, its attention is GroupQueryAttention (contract.STEP_TOTAL says what changes at its boundary)."""
     import onnx
 
     from .onnx_export import _rename_dims
 
     cfg = graph.decoder.cfg
-    inputs = contract.step_inputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, capacity)
-    outputs = contract.step_outputs(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, capacity)
-    step = StepGraph(graph, capacity, native, draft).eval()
-    args = sample_step_inputs(cfg, capacity, torch_dtype)
+    dims = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, capacity, gqa)
+    inputs, outputs = contract.step_inputs(*dims), contract.step_outputs(*dims)
+    step = StepGraph(graph, capacity, native, draft, gqa).eval()
+    args = sample_step_inputs(cfg, capacity, torch_dtype, gqa)
     nodes, paths, plen = (torch.export.Dim(s, min=1, max=1024) for s in contract.STEP_SYMBOLS)
     dims = {"nodes": nodes, "paths": paths, "path_len": plen}
     shapes = [{i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} for s in inputs]
@@ -297,14 +333,19 @@ def export_step(
     return inputs, outputs
 
 
-def sample_step_inputs(cfg, capacity: int, torch_dtype) -> tuple:
+def sample_step_inputs(cfg, capacity: int, torch_dtype, gqa: bool = False) -> tuple:
     """A 5-node tree, 2 paths of 4 nodes, at length 3: distinct sizes that specialise nothing."""
     from medusa_runtime.tree import build_tree
 
     tree = build_tree([[0], [1], [0, 0], [0, 0, 0]])
     n = tree.num_nodes
-    kv = (1, capacity, cfg.num_kv_heads, cfg.head_dim)
+    kv = (
+        (1, cfg.num_kv_heads, capacity, cfg.head_dim)
+        if gqa
+        else (1, capacity, cfg.num_kv_heads, cfg.head_dim)
+    )
     caches = [torch.randn(kv).to(torch_dtype) for _ in range(2 * cfg.num_layers)]
+    total = [torch.tensor([capacity], dtype=torch.int32)] if gqa else []
     return (
         torch.randint(3, 100, (n,), dtype=torch.int64),
         torch.tensor([3], dtype=torch.int64),
@@ -312,6 +353,7 @@ def sample_step_inputs(cfg, capacity: int, torch_dtype) -> tuple:
         torch.from_numpy(tree.attention_mask.copy()),
         torch.from_numpy(tree.retrieve_indices.copy()),
         torch.arange(n, dtype=torch.int64),
+        *total,
         *caches,
     )
 

@@ -70,6 +70,53 @@ def test_fused_steps_equal_the_host_loop_and_base_greedy(tiny_base, step_artifac
         assert [s.path for s in b.steps] == [s.path for s in a.steps]
 
 
+def test_gqa_plain_step_writes_the_cache_in_place_and_equals_base_greedy(tiny_base, tmp_path):
+    """`--plain-attention gqa` on a one-KV-head model: step_plain.onnx attends through GroupQueryAttention
+    (which appends the token's K/V to the cache itself), no ScatterND; plain decoding over it equals the
+    host loop and transformers, also across the sliding window (8) many times; the tree step is unchanged."""
+    from medusa_export.onnx_export import export_onnx
+    from medusa_export.step_graph import count_nodes
+    from medusa_runtime import contract
+
+    name = "tiny-gemma3-mq"
+    folder = export_onnx(
+        name, "random:4", tmp_path / name, max_seq=256, quiet=True, gpu_step=True, plain_attention="gqa"
+    )
+    ops = count_nodes(folder / "step_plain.onnx")
+    assert ops["GroupQueryAttention"] == 2 and "ScatterND" not in ops and "Softmax" not in ops
+    assert count_nodes(folder / "step.onnx")["ScatterND"] == 4
+    fused = MedusaRuntime.open(folder, backend=STEP, medusa=False)
+    runner = fused.backend.runner(fused.tree)
+    assert contract.STEP_TOTAL in {i.name for i in runner.session.get_inputs()}
+    host = MedusaRuntime.open(folder, medusa=False)
+    medusa = MedusaRuntime.open(folder, backend=STEP, tree="tree16")
+    for prompt in [*PROMPTS[:3], " ".join(PROMPTS)[:130]]:
+        ids = host.encode(prompt)
+        want = hf_greedy(tiny_base(name), ids, 60).tokens
+        assert fused.generate(ids, 60).token_ids == host.generate(ids, 60).token_ids == want
+        assert medusa.generate(ids, 60).token_ids == want
+
+
+def test_gqa_plain_step_refusals(tmp_path):
+    from medusa_export.onnx_export import export_onnx
+
+    with pytest.raises(MedusaError, match="one KV head"):
+        export_onnx(
+            "tiny-gemma3",
+            "random:4",
+            tmp_path / "a",
+            max_seq=64,
+            quiet=True,
+            gpu_step=True,
+            plain_attention="gqa",
+        )
+    with pytest.raises(MedusaError, match="add --gpu-step"):
+        export_onnx(
+            "tiny-gemma3-mq", "random:4", tmp_path / "b", max_seq=64, quiet=True, plain_attention="gqa"
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("tree", ["tree8", "mc_sim_7b_63"])
 def test_fused_oracle_heads_accept_several_tokens_and_stay_exact(tiny_base, step_artifact, tree):
     """Oracle drafts (tests/conftest.py): full, partial and non-first acceptance, all on the device."""

@@ -119,6 +119,11 @@ STEP_TOKENS, STEP_LENGTH = "tokens", "length"
 STEP_TREE = ("depth", "ancestors", "retrieve", "tree_indices")
 STEP_NEXT_TOKENS, STEP_NEXT_LENGTH, STEP_RESULT = "next_tokens", "next_length", "step_result"
 STEP_SYMBOLS = ("nodes", "paths", "path_len")
+# step_plain.onnx exported with `--plain-attention gqa` (one KV head): com.microsoft GroupQueryAttention
+# appends the token's K/V to the cache in place and attends over it. Its caches cross as [1, KV, capacity,
+# head_dim] (the same bytes as [1, capacity, KV, head_dim] for one KV head), and it takes the cache capacity
+# as `total_length` int32 [1] in host memory (the operator reads it on the host; bound once).
+STEP_TOTAL = "total_length"
 
 
 def step_cache_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -127,7 +132,7 @@ def step_cache_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 
 def step_inputs(
-    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, capacity: int
+    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, capacity: int, gqa: bool = False
 ) -> list[TensorSpec]:
     specs = [
         TensorSpec(STEP_TOKENS, INT64, ("nodes",)),
@@ -137,17 +142,23 @@ def step_inputs(
         TensorSpec("retrieve", INT64, ("paths", "path_len")),
         TensorSpec("tree_indices", INT64, ("nodes",)),
     ]
-    shape = (1, capacity, kv_heads, head_dim)
+    if gqa:
+        specs.append(TensorSpec(STEP_TOTAL, "int32", (1,)))
+    shape = _step_cache_shape(kv_heads, head_dim, capacity, gqa)
     return specs + [TensorSpec(n, kv_dtype, shape) for n in step_cache_names(num_layers)[0]]
 
 
 def step_outputs(
-    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, capacity: int
+    num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str, capacity: int, gqa: bool = False
 ) -> list[TensorSpec]:
     specs = [
         TensorSpec(STEP_NEXT_TOKENS, INT64, ("nodes",)),
         TensorSpec(STEP_NEXT_LENGTH, INT64, (1,)),
         TensorSpec(STEP_RESULT, INT64, ("result",)),
     ]
-    shape = (1, capacity, kv_heads, head_dim)
+    shape = _step_cache_shape(kv_heads, head_dim, capacity, gqa)
     return specs + [TensorSpec(n, kv_dtype, shape) for n in step_cache_names(num_layers)[1]]
+
+
+def _step_cache_shape(kv_heads: int, head_dim: int, capacity: int, gqa: bool) -> tuple[int, ...]:
+    return (1, kv_heads, capacity, head_dim) if gqa else (1, capacity, kv_heads, head_dim)

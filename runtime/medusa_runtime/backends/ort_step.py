@@ -254,6 +254,10 @@ class StepRunner:
         self.lookup_nodes = np.flatnonzero(idx >= tree.lookup_start) if tree.lookup_chains else None
         self.lookup_slots = None if self.lookup_nodes is None else idx[self.lookup_nodes] - tree.lookup_start
         caches = backend.caches
+        declared = {i.name: i for i in self.session.get_inputs()}  # a GQA plain step drops the tree inputs
+        cache_shape = self._cache_shape(declared[backend.cache_names[0]].shape)
+        if contract.STEP_TOTAL in declared:  # GroupQueryAttention reads the capacity on the host
+            self.total = ort.OrtValue.ortvalue_from_numpy(np.array([backend.capacity], dtype=np.int32))
         self.bindings, self.run_options = [], []
         for parity in (0, 1):
             io = self.session.io_binding()
@@ -261,16 +265,20 @@ class StepRunner:
             io.bind_ortvalue_input(contract.STEP_TOKENS, self.tokens[parity])
             io.bind_ortvalue_input(contract.STEP_LENGTH, self.length[parity])
             for name, value in self.consts.items():
-                io.bind_ortvalue_input(name, value)
+                if name in declared:
+                    io.bind_ortvalue_input(name, value)
+            if contract.STEP_TOTAL in declared:
+                io.bind_ortvalue_input(contract.STEP_TOTAL, self.total)
             src = caches[parity % len(caches)]
             dst = caches[other % len(caches)]
+            elem = contract.ONNX_ELEM[backend.kv_dtype]
             for name, value in zip(backend.cache_names, src):
-                io.bind_ortvalue_input(name, value)
+                io.bind_input(name, backend.device, 0, elem, cache_shape, value.data_ptr())
             io.bind_ortvalue_output(contract.STEP_NEXT_TOKENS, self.tokens[other])
             io.bind_ortvalue_output(contract.STEP_NEXT_LENGTH, self.length[other])
             io.bind_ortvalue_output(contract.STEP_RESULT, self.result)
             for name, value in zip(backend.updated_names, dst):
-                io.bind_ortvalue_output(name, value)
+                io.bind_output(name, backend.device, 0, elem, cache_shape, value.data_ptr())
             self.bindings.append(io)
             ro = ort.RunOptions()
             if backend.cuda_graph:
@@ -278,6 +286,17 @@ class StepRunner:
             self.run_options.append(ro)
         self.parity = 0
         self.runs = [0, 0]  # per binding: the first CAPTURE_RUNS may capture a CUDA graph
+
+    def _cache_shape(self, declared: list) -> list[int]:
+        """The cache shape the graph declares: [1, capacity, KV, D], or [1, KV, capacity, D] for a
+        GroupQueryAttention plain step, the same bytes only for one KV head."""
+        kv, d = self.backend.kv_tail
+        shape = [1, self.backend.capacity, kv, d]
+        if list(declared) == [1, kv, self.backend.capacity, d] and kv == 1:
+            return list(declared)
+        if list(declared) != shape:
+            raise MedusaError(f"{self.role}.onnx declares caches {declared}; this runtime binds {shape}")
+        return shape
 
     def start(self, tokens: np.ndarray) -> None:
         """Begin after a prefill: this step's tree tokens, the cache's length; the cache is set 0."""
