@@ -50,11 +50,13 @@ case "$1" in
         python3 scripts/ort_profile.py "$ART/gemma3-270m-$a" --prompts "$PROMPTS" --backend ort-cuda $mode "${@:2}"
       done
     done 2>&1 | tee "$OUT/profile.log" ;;
-  prepare)  # the artifacts of this round: bf16 and fp32 (DTYPES), with the fused step graphs (--gpu-step)
+  prepare)  # the artifacts of this round: bf16 and fp32 (DTYPES), with the fused step graphs (--gpu-step);
+            # PLAIN_ATTENTION=gqa gives the bf16 plain step GroupQueryAttention (fp32 has no CUDA kernel for it)
     for d in ${DTYPES:-bf16 fp32}; do
       a="$ART/gemma3-270m-$d-step"
+      plain=$([ "$d" != fp32 ] && echo "--plain-attention ${PLAIN_ATTENTION:-matmul}" || true)
       [ -f "$a/artifact.json" ] || cli onnx gemma3-270m --heads "$HEADS" --dtype $d --out "$a" --max-seq 2048 \
-        --default-tree "$TREE" --gpu-step 2>&1 | tail -3 || cli onnx gemma3-270m --heads "$HEADS" --dtype $d \
+        --default-tree "$TREE" --gpu-step $plain 2>&1 | tail -3 || cli onnx gemma3-270m --heads "$HEADS" --dtype $d \
         --out "$a" --max-seq 2048 --default-tree "$TREE" 2>&1 | tail -1  # without the step graphs if they fail
     done ;;
   validate-fp32)  # N: fp32 token identity on the GPU (TF32 off), host loop and fused CUDA-graph step
