@@ -31,7 +31,8 @@ Lookup = Annotated[
     str | None,
     typer.Option(
         "--lookup",
-        help="add prompt-lookup candidates to the tree: L (one chain of L tokens copied from the context) or KxL",
+        help="add prompt-lookup candidates to the tree: L (one chain of L tokens copied from the context), KxL, "
+        "or auto[L] (one chain, up to L tokens verified a step as the context's match promises; root-only trees)",
     ),
 ]
 Backend = Annotated[str, typer.Option("--backend", help="torch | ort-cpu | ort-cuda | trt")]
@@ -237,7 +238,7 @@ def tree_cmd(
     spec: Annotated[
         str | None,
         typer.Argument(
-            help="preset name, JSON file or inline JSON of choices; NAME+lookupL adds lookup chains"
+            help="preset name, JSON file or inline JSON of choices; NAME+lookupL (or +lookupautoL) adds lookup chains"
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the buffers as one JSON object")] = False,

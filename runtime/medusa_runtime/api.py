@@ -147,7 +147,8 @@ class MedusaRuntime:
         **backend_options,
     ) -> MedusaRuntime:
         """Load an artifact folder (exported by `medusa-export onnx`) on one of the runtime backends.
-        `lookup` adds prompt-lookup chains to the tree: L (one chain of L tokens) or "KxL" (lookup.py)."""
+        `lookup` adds prompt-lookup chains to the tree: L (one chain of L tokens), "KxL", or "auto[L]" (one
+        chain verified up to a length chosen each step, adaptive.py); see lookup.py."""
         from tokenizers import Tokenizer
 
         artifact = Artifact.load(folder)

@@ -3,7 +3,8 @@
 prefill -> [draft (heads' top-k at the accepted row) -> lookup (continuations found in the context, for
 a hybrid tree's lookup chains) -> candidates (tree) -> verify (one forward) -> accept (greedy | typical)
 -> commit (keep the accepted path's KV)] ... Plain autoregressive decoding is the same loop with the
-root-only tree; a tree without lookup chains gets an empty lookup.
+root-only tree; a tree without lookup chains gets an empty lookup. An adaptive tree (`chain0+lookupauto`)
+verifies, each step, a prefix of its one chain as long as the context's match promises (adaptive.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .acceptance import Greedy
+from .adaptive import chain_prefixes, step_tree
 from .backends.base import Backend, StepOutput
 from .lookup import propose
 from .masks import causal, step_masks
@@ -96,9 +98,11 @@ def decode(
 ) -> Iterator[Step]:
     """Yields one Step per forward, forever: the caller stops at EOS, a token budget or a stop string.
     `heads_fill`: on a tree without heads nodes (`chain0+lookup3`), lookup rows the context does not match
-    take the heads' top-1 chain, and accepted tokens from those rows count as the heads'."""
+    take the heads' top-1 chain, and accepted tokens from those rows count as the heads'.
+    An adaptive tree verifies each step the chain of adaptive.chain_length (a prefix of its chain)."""
     rng = np.random.default_rng(seed)
     fill = heads_fill and tree.depth == 0 and tree.lookup_chains > 0  # one chain: lookup, else heads
+    prefixes = chain_prefixes(tree)
     out = prefill(backend, prompt, window)
     token = int(out.next_tokens[-1])
     draft = out.medusa_topk[:, -1]
@@ -107,17 +111,18 @@ def decode(
     while True:
         if drafter is not None:
             draft = drafter(context, draft)
-        found, matched = lookup(tree, context, draft if fill else None)
-        cand = candidates(tree, token, draft, found)
-        out = verify(backend, tree, cand, window)
+        step = step_tree(tree, prefixes, context)
+        found, matched = lookup(step, context, draft if fill else None)
+        cand = candidates(step, token, draft, found)
+        out = verify(backend, step, cand, window)
         logits = functools.cache(backend.logits)  # to the host at most once a step, only if asked for
-        nodes = acceptance.accept(tree, cand, out.next_tokens, logits)
-        if tree.num_nodes > 1:
+        nodes = acceptance.accept(step, cand, out.next_tokens, logits)
+        if step.num_nodes > 1:
             backend.commit(nodes)
         last = int(nodes[-1])
         token = acceptance.next_token(last, out.next_tokens, logits, rng)
         emitted = [int(t) for t in cand[nodes[1:]]] + [token]
         draft = out.medusa_topk[:, last]
         context += emitted
-        source = step_source(tree, last, matched) if fill else tree.source(last)
-        yield Step(emitted, tree.path(last), source)
+        source = step_source(step, last, matched) if fill else step.source(last)
+        yield Step(emitted, step.path(last), source)

@@ -8,7 +8,8 @@ it has found repeats), so a match always fills its whole chain. Chains without a
 heads' top-1 guesses when the tree has no heads nodes of its own and the runtime drafts with heads
 (`chain0+lookup3`: one chain, from the lookup when the context has a match, else from the heads), otherwise
 with the root token (a token that repeats). Any token is safe: greedy acceptance keeps a candidate only
-when it equals the base model's own argmax.
+when it equals the base model's own argmax. `chain0+lookupauto` (adaptive.py) verifies, each step, only as
+much of its one chain as the match found here promises (`match_length`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,29 @@ from .tree import TreeBuffers, TreeError, with_lookup
 
 MAX_NGRAM = 3  # longest suffix searched for
 SCAN = 8  # occurrences looked at per n-gram length, at most, when looking for distinct continuations
+AUTO = "auto"  # the adaptive spelling: +lookupauto, +lookupauto<L> (at most L tokens a step)
+AUTO_LENGTH = 12  # an adaptive chain's longest verify when the spelling gives none (16: peak RSS > 700 MiB)
 
 LookupSpec = int | str | tuple[int, int] | None
 
 
 def parse_lookup(spec: LookupSpec) -> tuple[int, int]:
-    """(chains, length) from ``L`` (one chain of L tokens), ``"KxL"``, ``(K, L)``; None or 0 for none."""
+    """(chains, length) from ``L`` (one chain of L tokens), ``"KxL"``, ``(K, L)``, ``"auto[L]"`` (one
+    adaptive chain of at most L tokens); None or 0 for none."""
+    return lookup_plan(spec)[:2]
+
+
+def lookup_plan(spec: LookupSpec) -> tuple[int, int, bool]:
+    """(chains, length, adaptive): parse_lookup's, and whether the spelling is ``auto[L]``."""
+    if isinstance(spec, str) and spec.startswith(AUTO):
+        digits = spec[len(AUTO) :]
+        if digits and not (digits.isdigit() and int(digits) >= 1):
+            raise TreeError(f"lookup {spec!r} is not auto or autoL (an adaptive chain of at most L tokens)")
+        return 1, int(digits) if digits else AUTO_LENGTH, True
+    return (*_fixed_lookup(spec), False)
+
+
+def _fixed_lookup(spec: LookupSpec) -> tuple[int, int]:
     if spec is None or spec == 0 or spec == "0" or spec == "":
         return 0, 0
     try:
@@ -43,19 +61,21 @@ def parse_lookup(spec: LookupSpec) -> tuple[int, int]:
     return int(chains), int(length)
 
 
-def lookup_name(chains: int, length: int) -> str:
-    """The suffix a hybrid tree's name gets: '+lookup8' (one chain) or '+lookup2x8'."""
+def lookup_name(chains: int, length: int, adaptive: bool = False) -> str:
+    """The suffix a hybrid tree's name gets: '+lookup8' (one chain), '+lookup2x8', '+lookupauto12'."""
     if not chains:
         return ""
+    if adaptive:
+        return f"+lookup{AUTO}{length}"
     return f"+lookup{length}" if chains == 1 else f"+lookup{chains}x{length}"
 
 
 def add_lookup(name: str, tree: TreeBuffers, spec: LookupSpec) -> tuple[str, TreeBuffers]:
     """The tree (and its name) with the lookup chains of ``spec`` appended; unchanged for no lookup."""
-    chains, length = parse_lookup(spec)
+    chains, length, adaptive = lookup_plan(spec)
     if not chains:
         return name, tree
-    return name + lookup_name(chains, length), with_lookup(tree, chains, length)
+    return name + lookup_name(chains, length, adaptive), with_lookup(tree, chains, length, adaptive)
 
 
 def _occurrences(ctx: np.ndarray, n: int) -> np.ndarray:
@@ -65,6 +85,21 @@ def _occurrences(ctx: np.ndarray, n: int) -> np.ndarray:
     for j in range(n):
         hits &= ctx[j : last + j] == ctx[last + j]
     return np.flatnonzero(hits)[::-1]
+
+
+def match_length(context: Sequence[int], max_ngram: int = MAX_NGRAM, cap: int = 64) -> int:
+    """How many of the context's last tokens the lookup's first continuation follows: the most recent
+    occurrence of the longest suffix n-gram (n <= max_ngram, as `continuations` picks it), extended back
+    while the tokens before it agree too, up to `cap`; 0 when the context has no match."""
+    ctx = np.asarray(context, dtype=np.int64)
+    for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
+        occurrences = _occurrences(ctx, n)
+        if len(occurrences):
+            end, m = int(occurrences[0]) + n, n  # the occurrence ends at `end`, before the context's end
+            while m < min(cap, end) and ctx[end - m - 1] == ctx[-m - 1]:
+                m += 1
+            return m
+    return 0
 
 
 def continuations(

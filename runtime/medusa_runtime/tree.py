@@ -126,6 +126,7 @@ class TreeBuffers:
     retrieve_indices: np.ndarray  # [num_leaves, longest path + 1], node indices root -> leaf, -1 padded
     sources: np.ndarray  # [N]: ROOT, HEADS or LOOKUP, where each node's token comes from
     lookup: tuple[int, int] = (0, 0)  # (chains, length) of the reserved prompt-lookup slots
+    adaptive: bool = False  # one lookup chain verified up to a length chosen per step (adaptive.py)
 
     @property
     def lookup_chains(self) -> int:
@@ -156,7 +157,11 @@ class TreeBuffers:
             "num_leaves": self.num_leaves,
             "topk": self.topk,
             "choices": [list(p) for p in self.choices],
-            "lookup": {"chains": self.lookup_chains, "length": self.lookup_length},
+            "lookup": {
+                "chains": self.lookup_chains,
+                "length": self.lookup_length,
+                **({"adaptive": True} if self.adaptive else {}),
+            },
             "parents": self.parents.tolist(),
             "attention_mask": self.attention_mask.astype(int).tolist(),
             "position_ids": self.position_ids.tolist(),
@@ -177,6 +182,7 @@ def _assemble(
     topk: int,
     nodes: list[tuple[int, int, int, int]],  # (parent, position, tree index, source), parents first
     lookup: tuple[int, int] = (0, 0),
+    adaptive: bool = False,
 ) -> TreeBuffers:
     """Attention mask, leaves and root-to-leaf paths from the node list (root first, each parent before
     its children)."""
@@ -205,6 +211,7 @@ def _assemble(
         retrieve_indices=_frozen(retrieve),
         sources=_frozen(sources),
         lookup=lookup,
+        adaptive=adaptive,
     )
 
 
@@ -222,14 +229,21 @@ def build_tree(choices: Any, num_heads: int | None = None, topk: int | None = No
     return _assemble(tuple(paths), depth, need_topk, _heads_nodes(paths, need_topk))
 
 
-def with_lookup(tree: TreeBuffers, chains: int, length: int) -> TreeBuffers:
+def with_lookup(tree: TreeBuffers, chains: int, length: int, adaptive: bool = False) -> TreeBuffers:
     """The hybrid tree: ``tree``'s heads nodes, then ``chains`` reserved chains of ``length`` prompt-lookup
     nodes hanging from the root (node positions 1..length). Their tokens are filled each step; the buffers
-    stay static. A head count or top-k limit does not apply to them; the node count still does."""
+    stay static. A head count or top-k limit does not apply to them; the node count still does.
+    ``adaptive``: one chain on the root alone, of which each step verifies the first 1..length nodes
+    (decode.py, adaptive.py): still a single chain, so exact on quantized weights too."""
     if tree.lookup_chains:
         raise TreeError("this tree already has lookup chains")
     if not (_is_int(chains) and _is_int(length) and chains >= 1 and length >= 1):
         raise TreeError(f"lookup needs at least one chain of at least one token, got {chains} x {length}")
+    if adaptive and (chains != 1 or tree.num_nodes != 1):
+        raise TreeError(
+            "an adaptive lookup chain is one chain on the root alone (chain0+lookupauto), "
+            f"not {chains} chain(s) on a tree of {tree.num_nodes} nodes"
+        )
     if length > MAX_DEPTH:
         raise TreeError(f"lookup chains of {length} tokens are beyond the limit of {MAX_DEPTH}")
     if tree.num_nodes + chains * length > MAX_NODES:
@@ -242,7 +256,7 @@ def with_lookup(tree: TreeBuffers, chains: int, length: int) -> TreeBuffers:
         for d in range(length):
             parent = 0 if d == 0 else len(nodes) - 1
             nodes.append((parent, d + 1, first + c * length + d, LOOKUP))
-    return _assemble(tree.choices, tree.depth, tree.topk, nodes, (int(chains), int(length)))
+    return _assemble(tree.choices, tree.depth, tree.topk, nodes, (int(chains), int(length)), adaptive)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -300,11 +314,13 @@ def load_choices(
     return _named_choices(_read_json(path, "tree file"), f"tree file {path}", path.stem)
 
 
-_LOOKUP_SUFFIX = re.compile(r"\+lookup(\d+(?:x\d+)?)$")  # lookup.lookup_name's: +lookup8, +lookup2x8
+# lookup.lookup_name's: +lookup8, +lookup2x8, +lookupauto (adaptive: one chain, its length chosen per step)
+_LOOKUP_SUFFIX = re.compile(r"\+lookup(\d+(?:x\d+)?|auto\d*)$")
 
 
 def split_lookup(spec: str) -> tuple[str, str | None]:
-    """("chain0", "3") for "chain0+lookup3", (spec, None) without a lookup suffix."""
+    """("chain0", "3") for "chain0+lookup3" ("auto12" for "chain0+lookupauto12"), (spec, None) without a
+    lookup suffix."""
     suffix = _LOOKUP_SUFFIX.search(spec)
     return (spec, None) if suffix is None else (spec[: suffix.start()], suffix.group(1))
 

@@ -1,0 +1,168 @@
+"""Adaptive speculation (`chain0+lookupauto`): one lookup chain whose verified length is chosen each step
+from how well the context matched (medusa_runtime.adaptive). The spelling, the policy's choices on
+constructed contexts, and exactness: greedy output is the base model's greedy output, token for token."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import PROMPTS, OracleDrafter
+from medusa_runtime.adaptive import LENGTH_BY_MATCH, LONG_MATCH, chain_length, chain_prefixes, step_tree
+from medusa_runtime.api import MedusaRuntime
+from medusa_runtime.lookup import AUTO_LENGTH, lookup_name, lookup_plan, match_length, parse_lookup
+from medusa_runtime.tree import TreeError, build_tree, resolve_tree, split_lookup, with_lookup
+
+SERVED = {"chain0": [], "chain2": [[0], [0, 0]]}
+# the second half repeats the first: a model that copies it is helped by the lookup
+REPEAT = (
+    "alpha beta gamma delta epsilon zeta eta theta. alpha beta gamma delta epsilon zeta eta theta. alpha beta"
+)
+
+# --- the spelling ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "want"),
+    [("auto", (1, AUTO_LENGTH, True)), ("auto8", (1, 8, True)), ("3", (1, 3, False)), (None, (0, 0, False))],
+)
+def test_lookup_plan(spec, want) -> None:
+    assert lookup_plan(spec) == want
+    assert parse_lookup(spec) == want[:2]  # older callers see one chain of the longest length
+
+
+@pytest.mark.parametrize("spec", ["auto0", "autox", "auto-3", "auto8x2", "2xauto"])
+def test_lookup_plan_rejects(spec) -> None:
+    with pytest.raises(TreeError) as info:
+        lookup_plan(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_the_adaptive_spelling_names_and_resolves_a_tree() -> None:
+    assert lookup_name(1, 12, adaptive=True) == "+lookupauto12"
+    assert split_lookup("chain0+lookupauto12") == ("chain0", "auto12")
+    assert split_lookup("chain0+lookupauto") == ("chain0", "auto")
+    assert split_lookup("chain0+lookup3") == ("chain0", "3")  # the fixed spellings are unchanged
+    name, tree = resolve_tree("chain0+lookupauto", served=SERVED)
+    assert name == f"chain0+lookupauto{AUTO_LENGTH}" and tree.adaptive and tree.lookup == (1, AUTO_LENGTH)
+    assert tree.num_nodes == 1 + AUTO_LENGTH  # the backend's scratch and the capacity check see the longest
+    name, tree = resolve_tree("chain0", served=SERVED, lookup="auto6")
+    assert (name, tree.num_nodes, tree.adaptive) == ("chain0+lookupauto6", 7, True)
+    assert tree.to_json_dict()["lookup"] == {"chains": 1, "length": 6, "adaptive": True}
+    fixed = resolve_tree("chain0+lookup6", served=SERVED)[1]
+    assert not fixed.adaptive and fixed.to_json_dict()["lookup"] == {"chains": 1, "length": 6}
+
+
+def test_an_adaptive_chain_hangs_from_the_root_alone() -> None:
+    """With heads nodes beside it the tree would branch, which is not exact on quantized weights."""
+    with pytest.raises(TreeError, match="root alone"):
+        resolve_tree("chain2+lookupauto", served=SERVED)
+    with pytest.raises(TreeError, match="root alone"):
+        with_lookup(build_tree([]), 2, 4, adaptive=True)
+
+
+# --- the policy --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("context", "matched"),
+    [
+        ([1, 2, 3, 4, 5], 0),  # the last token never occurred before
+        ([7, 1, 2, 9, 2], 1),  # "2" once, preceded by 1 there and by 9 here
+        ([5, 1, 2, 3, 9, 1, 2, 3], 3),  # the 3-gram, then 5 against 9
+        ([4, 5, 1, 2, 3, 9, 4, 5, 1, 2, 3], 5),  # extended back beyond the 3-gram
+        (
+            [5, 1, 2, 3, 7, 9, 1, 2, 3, 8, 5, 1, 2, 3],
+            3,
+        ),  # the most recent occurrence, not the longer older one
+        ([1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5, 6, 7], 6),  # capped at 6 below (LONG_MATCH)
+        ([3, 3, 3], 2),  # an overlapping repeat: occurrence [3, 3] at 0, nothing before it
+    ],
+)
+def test_match_length(context, matched) -> None:
+    assert match_length(context, cap=6) == matched
+
+
+def test_chain_length_follows_the_match() -> None:
+    """No match: one heads' guess; a short match: a few tokens; a long one (the model copies): the whole
+    chain. Never more than the tree's chain."""
+    passage = list(range(10, 30))
+    copying = passage + [99] + passage[:LONG_MATCH]
+    assert chain_length(copying, 16) == 16
+    assert chain_length(copying, 5) == 5
+    assert chain_length([1, 2, 3, 4, 5], 16) == LENGTH_BY_MATCH[0] == 1
+    assert chain_length([7, 1, 2, 9, 2], 16) == LENGTH_BY_MATCH[1]
+    assert chain_length([7, 1, 2, 9, 2], 2) == 2
+    assert chain_length([5, 1, 2, 3, 9, 1, 2, 3], 16) == LENGTH_BY_MATCH[3]
+    assert all(1 <= n for n in LENGTH_BY_MATCH)
+
+
+def test_step_tree_is_a_prefix_of_the_chain() -> None:
+    tree = with_lookup(build_tree([]), 1, 8, adaptive=True)
+    prefixes = chain_prefixes(tree)
+    assert sorted(prefixes) == list(range(1, 9))
+    for n, sub in prefixes.items():
+        assert sub.num_nodes == n + 1 and sub.lookup == (1, n) and not sub.adaptive
+        assert (sub.attention_mask == tree.attention_mask[: n + 1, : n + 1]).all()
+        assert (sub.position_ids == tree.position_ids[: n + 1]).all()
+    assert step_tree(tree, prefixes, [1, 2, 3, 4]).num_nodes == 2  # no match: one heads' guess
+    fixed = with_lookup(build_tree([]), 1, 3)
+    assert chain_prefixes(fixed) is None and step_tree(fixed, None, [1, 2]) is fixed
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+
+
+def _recording(runtime: MedusaRuntime) -> list[int]:
+    """Token counts of the backend's forwards, from now on."""
+    sizes: list[int] = []
+    forward = runtime.backend.forward
+
+    def record(input_ids, *args, **kwargs):
+        sizes.append(len(input_ids))
+        return forward(input_ids, *args, **kwargs)
+
+    runtime.backend.forward = record
+    return sizes
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])
+def test_adaptive_chain_is_plain_greedy_and_verifies_the_chosen_length(
+    name, tiny_base, tiny_artifact
+) -> None:
+    """Medusa with `chain0+lookupauto8` = transformers' greedy decoding, token for token, with oracle heads
+    (the unmatched steps' guesses) and the lookup; every verify is as long as chain_length says."""
+    from medusa_export.reference import hf_greedy
+
+    rt = MedusaRuntime.open(tiny_artifact(name), tree="chain0+lookupauto8")
+    assert rt.tree_name == "chain0+lookupauto8" and rt.tree.adaptive
+    base = tiny_base(name)
+    sizes = _recording(rt)
+    seen: set[int] = set()
+    for prompt in [*PROMPTS[:3], REPEAT]:
+        ids = rt.encode(prompt)
+        want = hf_greedy(base, ids, 40).tokens
+        sizes.clear()
+        got = rt.generate(ids, 40, drafter=OracleDrafter(len(ids), want, base.config.vocab_size))
+        assert got.token_ids == want
+        context = ids + got.steps[0].tokens
+        for step, size in zip(got.steps[1:], sizes[1:]):  # sizes[0]: the prefill
+            assert size == 1 + chain_length(context, 8)
+            context += step.tokens
+        seen.update(sizes[1:])
+    assert len(seen) > 1  # the length did change from step to step
+
+
+def test_adaptive_chain_without_heads_and_with_typical_acceptance(tiny_artifact) -> None:
+    """medusa=False (no heads: unmatched steps verify the root token) and typical acceptance walk the
+    same per-step trees."""
+    from medusa_runtime.acceptance import Typical
+
+    folder = tiny_artifact("tiny-gemma3")
+    plain = MedusaRuntime.open(folder, medusa=False)
+    bare = MedusaRuntime.open(folder, medusa=False, lookup="auto")
+    assert bare.tree_name == f"plain+lookupauto{AUTO_LENGTH}"
+    ids = bare.encode(REPEAT)
+    assert bare.generate(ids, 40).token_ids == plain.generate(ids, 40).token_ids
+    typical = MedusaRuntime.open(folder, tree="chain0+lookupauto", acceptance=Typical())
+    runs = [typical.generate(REPEAT, 30) for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 30
