@@ -191,7 +191,8 @@ class StepGraph(nn.Module):
                 new_kv.append((k, v))
                 k_all = torch.cat((caches[2 * i], k), dim=1)  # [1, capacity + N, KV, D]
                 v_all = torch.cat((caches[2 * i + 1], v), dim=1)
-                attn = attend(q, k_all, v_all, masks[1] if cfg.sliding_layers[i] else masks[0], scaling)
+                mask = masks[1] if cfg.sliding_layers[i] else masks[0]
+                attn = attend(q, k_all, v_all, mask, scaling, keys_first=False)
             attn = a.o_proj(attn)
             if self.gemma:
                 x = x + _rms(attn, layer.post_attention_layernorm.weight, eps, 1.0, native)

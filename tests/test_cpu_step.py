@@ -17,7 +17,7 @@ from medusa_runtime.masks import causal, step_masks
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAIN = 4  # verified rows
-LAYERS, HEADS, DIM = 2, 4, 64
+LAYERS, HEADS, DIM = 2, 4, 256  # Gemma 3 270M's query heads and head size
 
 
 def _forward(backend, window, tokens, rows, keep_all):
@@ -100,29 +100,39 @@ def _attention_session(tmp_path, kv: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+# verify key counts across the sizes where ONNX Runtime's CPU MatMul changes its blocking (128, 144) and
+# far past them, for a 4-row chain; and 16 rows, the most a CPU tree has (64 query rows for one KV head)
+ROWS_AND_PASTS = [(CHAIN, p) for p in (37, *range(118, 150), 300, 700, 1500)] + [
+    (16, p) for p in (120, 137, 700)
+]
+
+
 @pytest.mark.parametrize("kv", [1, 2])
 def test_attention_rows_independent_of_tree_size(kv, tmp_path):
-    """ONNX Runtime (CPU) runs the exported attention so that row i of a CHAIN-row causal verify equals a
-    one-row step over the same keys (past + the i earlier rows) bitwise, past the kernels' block sizes, for
-    one KV head (Gemma 3 270M). With several KV heads the rows agree to float32 rounding only (so they did
-    with the earlier copy-transposed keys too: the batched MatMul takes another kernel path for one row)."""
+    """ONNX Runtime (CPU) runs the exported attention so that row i of an n-row causal verify equals a
+    one-row step over the same keys (past + the i earlier rows) bitwise, at every past length around the
+    kernels' block sizes, for one KV head (Gemma 3 270M): the property behind Medusa = plain on 4-bit
+    weights. With several KV heads the rows agree to float32 rounding only (the batched MatMul takes
+    another kernel path for one row)."""
     session = _attention_session(tmp_path, kv)
     names = [i.name for i in session.get_inputs()]
     rng = np.random.default_rng(kv)
     low = np.finfo(np.float32).min
-    for past_len in (37, 300, 700):
-        q, k, v = (rng.standard_normal((1, CHAIN, h, DIM), np.float32) for h in (HEADS, kv, kv))
+    for rows, past_len in ROWS_AND_PASTS if kv == 1 else [(CHAIN, 37), (CHAIN, 300)]:
+        q, k, v = (rng.standard_normal((1, rows, h, DIM), np.float32) for h in (HEADS, kv, kv))
         past = [rng.standard_normal((1, past_len, kv, DIM), np.float32) for _ in range(2 * LAYERS)]
-        mask = np.zeros((1, 1, CHAIN, past_len + CHAIN), np.float32)
-        mask[..., past_len:] = np.where(causal(CHAIN), 0.0, low)
+        mask = np.zeros((1, 1, rows, past_len + rows), np.float32)
+        mask[..., past_len:] = np.where(causal(rows), 0.0, low)
         tree = session.run(None, dict(zip(names, [q, k, v, mask, *past])))[0]
-        for i in range(CHAIN):
+        for i in range(rows):
             grown = [np.concatenate((x, (k if j % 2 == 0 else v)[:, :i]), axis=1) for j, x in enumerate(past)]
             one = np.zeros((1, 1, 1, past_len + i + 1), np.float32)
             feeds = [q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], one, *grown]
             row = session.run(None, dict(zip(names, feeds)))[0]
             if kv == 1:
-                assert np.array_equal(row[:, :, 0], tree[:, :, i]), f"past {past_len}: row {i} differs"
+                assert np.array_equal(row[:, :, 0], tree[:, :, i]), (
+                    f"past {past_len}: row {i} of {rows} differs"
+                )
             else:
                 np.testing.assert_allclose(row[:, :, 0], tree[:, :, i], rtol=0, atol=1e-5)
 
@@ -139,12 +149,12 @@ def test_verify_rows_equal_plain_steps_real(name):
 def test_attention_matches_reference_math():
     """The exported attention formula is ordinary grouped-query attention (float64 reference)."""
     torch.manual_seed(0)
-    for kv in (1, 2):
+    for kv, keys_first in ((1, True), (2, True), (1, False), (2, False)):
         b, t, s, h, d = 1, 3, 9, 4, 8
         q, k, v = torch.randn(b, t, h, d), torch.randn(b, s, kv, d), torch.randn(b, s, kv, d)
         mask = torch.where(torch.rand(b, 1, t, s) < 0.3, torch.finfo(torch.float32).min, 0.0)
         mask[..., 0] = 0.0
-        got = attend(q, k, v, mask, 0.25)
+        got = attend(q, k, v, mask, 0.25, keys_first)
         rep = h // kv
         kk = k.double().repeat_interleave(rep, dim=2)  # [B, S, H, D]
         vv = v.double().repeat_interleave(rep, dim=2)

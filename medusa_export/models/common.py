@@ -99,27 +99,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    keys_first: bool = True,
 ) -> torch.Tensor:
     """Grouped-query attention with an additive mask, without repeating K/V.
 
     q [B, T, H, D]; k, v [B, S, KV, D]; mask [B, 1, T, S] float32 (0 or a large negative).
     Returns [B, T, H*D]. Softmax in float32, as transformers' eager path does.
 
-    The keys enter the score matmul as a transposed operand (ONNX Runtime fuses the Transpose into the
-    MatMul, transB), not as a transposed copy, and one KV head's keys/values are only reshaped: the strided
-    copy of every layer's [S, D] keys (and a plain copy of its values) was, with the [past; new] Concat
-    that the I/O contract implies, what made a CPU decode step grow with the context. The scores, softmax
-    and weighted sums are bitwise those of the earlier copies, and a verified chain row still equals the
-    plain step's row bitwise for one KV head (tests/test_cpu_step.py); splitting the keys (cache | new)
-    into two matmuls would not keep that.
+    One KV head's keys/values are only reshaped, never copied: a strided copy of every layer's [S, D] keys
+    (with the [past; new] Concat that the I/O contract implies) was what made a CPU decode step grow with
+    the context.
+
+    keys_first (model.onnx): the scores come from keys @ queries^T ([S, D] @ [D, G*T]), then a transpose of
+    the small [S, G*T] result. That keeps a verified row bitwise equal to the plain one-token step over the
+    same keys on ONNX Runtime's CPU kernels (MLAS), for up to 16 rows of 4 query heads per KV head: the
+    queries @ keys^T form ([G*T, D] @ [D, S]) took another blocking when S crossed 128 or 144 keys in the
+    verify but not in the row's own step, and a 4-row verify's rows then differed in the last bits, enough
+    for a 4-bit artifact's Medusa output to leave its plain output on 1 prompt in 52
+    (tests/test_cpu_step.py scans key counts). keys_first=False (step.onnx, the GPU step) keeps the
+    queries @ keys^T form, measured on the H200.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
     g = h // kv
-    qg = q.reshape(b, t, kv, g, d).permute(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
-    kt = _kv_major(k)[:, :, None].transpose(-1, -2)  # [B, KV, 1, D, S] as a transposed view of [.., S, D]
-    scores = torch.matmul(qg, kt) * scaling  # [B, KV, G, T, S]
+    if keys_first:
+        qt = q.reshape(b, t, kv, g, d).permute(0, 2, 4, 3, 1).reshape(b, kv, d, g * t)  # columns (g, t)
+        scores = torch.matmul(_kv_major(k), qt) * scaling  # [B, KV, S, G*T]
+        scores = scores.transpose(-1, -2).reshape(b, kv, g, t, -1)  # [B, KV, G, T, S]
+    else:
+        qg = q.reshape(b, t, kv, g, d).permute(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+        kt = _kv_major(k)[:, :, None].transpose(-1, -2)  # [B, KV, 1, D, S]: a transposed view of [.., S, D]
+        scores = torch.matmul(qg, kt) * scaling  # [B, KV, G, T, S]
     probs = F.softmax(scores.float() + mask[:, :, None], dim=-1).to(q.dtype)
     out = torch.matmul(probs, _kv_major(v)[:, :, None])  # [B, KV, G, T, D]
     return out.permute(0, 3, 1, 2, 4).reshape(b, t, h * d)
