@@ -94,6 +94,10 @@ def export_onnx(
         raise MedusaError(f"unknown dtype {dtype!r}: use one of {', '.join(ONNX_DTYPES)}")
     if max_seq < 16:
         raise MedusaError(f"--max-seq {max_seq} is too small (at least 16)")
+    if plain_attention not in ("matmul", "gqa"):
+        raise MedusaError(f"--plain-attention {plain_attention!r}: use matmul or gqa")
+    if plain_attention == "gqa" and not gpu_step:
+        raise MedusaError("--plain-attention applies to the fused step graphs: add --gpu-step")
     out = check_out_dir(Path(out), SIDECAR, force, inputs=[model, heads_path(heads)])
     with stage(f"loading {model}", quiet):
         base = load_base(model, dtype)
@@ -131,10 +135,6 @@ def export_onnx(
             )
     if weights != "fp" and dtype != "fp32":
         raise MedusaError(f"--weights {weights} quantizes from fp32 activations: use --dtype fp32")
-    if plain_attention not in ("matmul", "gqa"):
-        raise MedusaError(f"--plain-attention {plain_attention!r}: use matmul or gqa")
-    if plain_attention == "gqa" and not gpu_step:
-        raise MedusaError("--plain-attention applies to the fused step graphs: add --gpu-step")
     if weights != "fp" and gpu_step:
         raise MedusaError("--gpu-step does not quantize its weights yet: use --weights fp with --gpu-step")
 

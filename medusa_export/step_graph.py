@@ -32,6 +32,8 @@ nodes, slightly different rounding (Gemma's (1 + w) scale is rounded to the mode
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -392,18 +394,22 @@ def share_weights(step_path, *model_paths) -> int:
             f.seek(int(info.get("offset", 0)))
             return f.read(int(info["length"]))
 
+    def key(tensor, data: bytes) -> tuple:
+        return tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).digest()
+
     known = {}
     for model_path in model_paths:
         for t in onnx.load(str(model_path), load_external_data=False).graph.initializer:
             info = external(t)
             if info is not None:
-                known.setdefault((t.data_type, tuple(t.dims), hashlib.sha256(read(info)).digest()), info)
+                known.setdefault(key(t, read(info)), info)
     step = onnx.load(str(step_path), load_external_data=False)
+    shapes = {k[:2] for k in known}  # a transposed weight is read and hashed only if its shape is stored
     folded = _fold_weight_transposes(
         step.graph,
         external,
         read,
-        lambda t, data: (t.data_type, tuple(t.dims), hashlib.sha256(data).digest()) in known,
+        lambda shape, data: shape in shapes and (*shape, hashlib.sha256(data()).digest()) in known,
     )
     own_name = step_path.name + ".data"
     rest, shared = [], 0
@@ -412,32 +418,18 @@ def share_weights(step_path, *model_paths) -> int:
         if info is None:
             continue
         data = folded[t.name] if t.name in folded else read(info)
-        match = known.get((t.data_type, tuple(t.dims), hashlib.sha256(data).digest()))
-        if match is not None:
-            entries = {
-                "location": match["location"],
-                "offset": match.get("offset", "0"),
-                "length": match["length"],
-            }
-            shared += len(data)
-        else:
+        match = known.get(key(t, data))
+        if match is None:
             rest.append((t, data))
             continue
-        del t.external_data[:]
-        for key, value in entries.items():
-            t.external_data.add(key=key, value=str(value))
+        _point(t, match["location"], match.get("offset", "0"), match["length"])
+        shared += len(data)
     tmp = folder / (own_name + ".tmp")
-    written: dict[bytes, int] = {}
     with open(tmp, "wb") as f:
         for t, data in rest:
-            digest = hashlib.sha256(data).digest()
-            if digest not in written:
-                f.write(b"\0" * (-f.tell() % 4096))
-                written[digest] = f.tell()
-                f.write(data)
-            del t.external_data[:]
-            for key, value in (("location", own_name), ("offset", written[digest]), ("length", len(data))):
-                t.external_data.add(key=key, value=str(value))
+            f.write(b"\0" * (-f.tell() % 4096))
+            _point(t, own_name, f.tell(), len(data))
+            f.write(data)
     tmp.replace(folder / own_name)
     onnx.save(step, str(step_path))
     return shared
@@ -445,9 +437,10 @@ def share_weights(step_path, *model_paths) -> int:
 
 def _fold_weight_transposes(graph, external, read, stored) -> dict[str, bytes]:
     """Replace each Transpose of a stored 2-D weight by the transposed weight where those bytes are stored
-    already (`stored(tensor, bytes)`: model.onnx or step.onnx holds them, folded by the exporter, which
-    leaves some weights' Transposes unfolded in step_plain.onnx), so that they are stored once. Returns the
-    new tensors' bytes by name (external, no file yet)."""
+    already (`stored((dtype, dims), bytes)`, the bytes a callable so that they are made only for a stored
+    shape: model.onnx or step.onnx holds them, folded by the exporter, which leaves some weights' Transposes
+    unfolded in step_plain.onnx), so that they are stored once. Returns the new tensors' bytes by name
+    (external, no file yet)."""
     import numpy as np
     import onnx
 
@@ -464,23 +457,31 @@ def _fold_weight_transposes(graph, external, read, stored) -> dict[str, bytes]:
         if t is None or len(t.dims) != 2 or perm != [1, 0] or external(t) is None:
             keep_nodes.append(node)
             continue
-        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        bits = np.frombuffer(
-            read(external(t)), dtype={1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
+        bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[
+            onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        ]
+        data = functools.cache(
+            lambda t=t, bits=bits: np.frombuffer(read(external(t)), bits).reshape(t.dims).T.tobytes()
         )
-        data = np.ascontiguousarray(bits.reshape(t.dims).T).tobytes()
-        new = onnx.TensorProto(name=node.output[0], data_type=t.data_type, dims=list(reversed(t.dims)))
-        if not stored(new, data):
+        shape = (t.data_type, tuple(reversed(t.dims)))
+        if not stored(shape, data):
             keep_nodes.append(node)
             continue
-        folded[new.name] = data
+        folded[node.output[0]] = data()
+        new = onnx.TensorProto(name=node.output[0], data_type=t.data_type, dims=shape[1])
         new.data_location = onnx.TensorProto.EXTERNAL
         new.external_data.add(key="location", value="")
         graph.initializer.append(new)
         consumers[t.name] -= 1
     del graph.node[:]
     graph.node.extend(keep_nodes)
-    unused = [t for t in graph.initializer if consumers.get(t.name, 1) == 0]
-    for t in unused:
+    for t in [t for t in graph.initializer if consumers.get(t.name, 1) == 0]:
         graph.initializer.remove(t)
     return folded
+
+
+def _point(tensor, location: str, offset, length) -> None:
+    """Make `tensor` read `length` bytes at `offset` of the external data file `location`."""
+    del tensor.external_data[:]
+    for name, value in (("location", location), ("offset", offset), ("length", length)):
+        tensor.external_data.add(key=name, value=str(value))

@@ -127,9 +127,8 @@ class MedusaRuntime:
     ):
         self.backend, self.tokenizer, self.tree, self.window = backend, tokenizer, tree, window
         self.artifact = artifact
-        self.heads_fill = (
-            heads_fill  # unmatched lookup chains of a tree without heads nodes take the heads' guesses
-        )
+        # unmatched lookup chains of a tree without heads nodes take the heads' guesses (decode.heads_fill)
+        self.heads_fill = heads_fill
         self.eos = set(eos_ids)
         self.acceptance, self.tree_name = acceptance, tree_name
         self.vocab_size = artifact.model["vocab_size"] if artifact else tokenizer.get_vocab_size()
