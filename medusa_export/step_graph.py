@@ -26,8 +26,12 @@ Runtime's free dimension overrides, so one file serves every tree and constant f
 shape arithmetic. fp32 computes what model.onnx computes (the same explicit forward and attention; a joined
 projection computes the same dot products).
 With `native=True` (bf16/fp16 artifacts) RMSNorm, RoPE and GELU run in the model dtype (float32 math
-inside the kernels, RMSNormalization stash_type=1) instead of float32 islands between Casts: far fewer
-nodes, slightly different rounding (Gemma's (1 + w) scale is rounded to the model dtype).
+inside the kernels, RMSNormalization stash_type=1) instead of float32 islands between Casts, and each
+residual add runs with the norm after it as one com.microsoft SkipSimplifiedLayerNormalization: far fewer
+nodes, slightly different rounding (Gemma's (1 + w) scale is rounded to the model dtype; a fused norm
+normalizes the float32 sum, not the sum rounded to the model dtype).
+With `gqa` (the plain step only) each layer's attention is one com.microsoft GroupQueryAttention, which
+also rotates q and k (RoPE tables over every cache slot) and writes the new K/V into the cache in place.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from .models.common import apply_rope, attend, fused_onnx_ops, rms_norm, rope
 
 STEP_FILE = "step.onnx"
 PLAIN_FILE = "step_plain.onnx"  # the same step without the heads, for plain decoding (N = 1)
+SKIP_NORM = "SkipSimplifiedLayerNormalization"
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, native: bool) -> torch.Tensor:
@@ -55,6 +60,45 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, nativ
     return torch.onnx.ops.symbolic(
         "RMSNormalization", (x, scale), attrs, dtype=x.dtype, shape=x.shape, version=23
     )
+
+
+def _add_rms(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, native: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm after it: (x + delta, rms(x + delta)). native (bf16/fp16): one
+    com.microsoft SkipSimplifiedLayerNormalization kernel (the sum rounded to the model dtype as an Add
+    would, the norm taken of the float32 sum); fp32 keeps the separate Add and the explicit norm."""
+    if not native or x.dtype == torch.float32:
+        total = x + delta
+        return total, _rms(total, weight, eps, offset, native)
+    scale = ((offset + weight.float()) if offset else weight.float()).to(x.dtype)
+    normed, _, _, total = torch.onnx.ops.symbolic_multi_out(
+        f"com.microsoft::{SKIP_NORM}",
+        (x, delta, scale),
+        {"epsilon": float(eps)},
+        dtypes=(x.dtype, torch.float32, torch.float32, x.dtype),
+        shapes=(x.shape, (), (), x.shape),
+        version=1,
+    )
+    return total, normed
+
+
+def _drop_unused_skip_outputs(model) -> int:
+    """The mean and inverse-std outputs of every SkipSimplifiedLayerNormalization made optional (empty
+    names): nothing reads them and the CUDA kernel does not write them. Returns how many nodes changed."""
+    g = model.graph
+    used = {name for node in g.node for name in node.input} | {o.name for o in g.output}
+    nodes = [node for node in g.node if node.op_type == SKIP_NORM]
+    dropped = set()
+    for node in nodes:
+        for i in (1, 2):
+            assert node.output[i] not in used, node.output[i]
+            dropped.add(node.output[i])
+            node.output[i] = ""
+    kept = [v for v in g.value_info if v.name not in dropped]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    return len(nodes)
 
 
 def _cos_sin(positions, inv_freq, scale: float, dtype, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,17 +118,29 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: bool) -
     return flat.reshape(b, t, h, d)
 
 
-def _gqa(q, k, v, past_k, past_v, seqlens, total, window: int, scaling: float):
-    """com.microsoft GroupQueryAttention of the new rows q, k, v [1, N, heads, D] over a [1, KV, capacity, D]
-    cache holding `seqlens` (int32 [1]) rows: the new K/V are written at that slot, then attended to (causal,
-    the last `window` keys on sliding-window layers, -1: all). Returns (out [1, N, heads * D], present key,
+def _gqa(q, k, v, past_k, past_v, seqlens, total, cos, sin, window: int, scaling: float):
+    """com.microsoft GroupQueryAttention of the new rows q, k, v [1, N, heads, D] (before RoPE) over a
+    [1, KV, capacity, D] cache holding `seqlens` (int32 [1]) rows: q and k are rotated at their positions
+    (from `seqlens`) by the tables cos, sin [capacity, D/2], the new K/V written at that slot, then attended
+    to (causal, the last `window` keys on sliding-window layers, -1: all). Returns (out [1, N, heads * D], present key,
     present value); the presents are the cache itself when bound to its buffer (past_present_share_buffer).
     scripts/gqa_check.py checks those semantics on a machine's ONNX Runtime."""
     b, n, h, d = q.shape
     out, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
         "com.microsoft::GroupQueryAttention",
-        (q.reshape(b, n, h * d), k.reshape(b, n, -1), v.reshape(b, n, -1), past_k, past_v, seqlens, total),
+        (
+            q.reshape(b, n, h * d),
+            k.reshape(b, n, -1),
+            v.reshape(b, n, -1),
+            past_k,
+            past_v,
+            seqlens,
+            total,
+            cos,
+            sin,
+        ),
         {
+            "do_rotary": 1,
             "num_heads": h,
             "kv_num_heads": past_k.shape[1],
             "local_window_size": window,
@@ -133,6 +189,14 @@ class StepGraph(nn.Module):
                 _joined(a.q_proj, a.k_proj, a.v_proj) for a in (y.self_attn for y in layers)
             )
             self.gate_up = nn.ModuleList(_joined(y.mlp.gate_proj, y.mlp.up_proj) for y in layers)
+        if gqa:  # RoPE tables over every slot for GroupQueryAttention: cos_0/sin_0 full, cos_1/sin_1 sliding
+            dtype = dec.hf.model.embed_tokens.weight.dtype
+            for sliding in (False, True):
+                inv = (dec.inv_freq_sliding if sliding else dec.inv_freq_full) if self.gemma else dec.inv_freq
+                scale = 1.0 if self.gemma else dec.rope_scale
+                freqs = torch.arange(capacity, dtype=torch.float32)[:, None] * inv.float()[None]
+                self.register_buffer(f"cos_{int(sliding)}", (freqs.cos() * scale).to(dtype))
+                self.register_buffer(f"sin_{int(sliding)}", (freqs.sin() * scale).to(dtype))
 
     # -- the decoder over the tree nodes, attending to [cache ; new] -------------------------------------
     def _masks(self, length, positions, ancestors):
@@ -173,10 +237,14 @@ class StepGraph(nn.Module):
         new_kv = []
         kv_width = cfg.num_kv_heads * cfg.head_dim
         qkv_sizes = (cfg.num_heads * cfg.head_dim, kv_width, kv_width)
-        for i, layer in enumerate(m.layers):
+        # each residual add runs with the norm after it (_add_rms): the next layer's input norm, or the final
+        layers = m.layers
+        following = [y.input_layernorm.weight for y in layers[1:]] + [m.norm.weight]
+        h = _rms(x, layers[0].input_layernorm.weight, eps, off, native)
+        for i, layer in enumerate(layers):
             a = layer.self_attn
-            cos, sin = ropes[cfg.sliding_layers[i]]
-            h = _rms(x, layer.input_layernorm.weight, eps, off, native)
+            sliding = cfg.sliding_layers[i]
+            cos, sin = ropes[sliding]
             q, k, v = self.qkv[i](h).split(qkv_sizes, dim=-1)
             q = q.reshape(1, n, cfg.num_heads, cfg.head_dim)
             k = k.reshape(1, n, cfg.num_kv_heads, cfg.head_dim)
@@ -184,12 +252,14 @@ class StepGraph(nn.Module):
             if self.gemma:
                 q = _rms(q, a.q_norm.weight, eps, 1.0, native)
                 k = _rms(k, a.k_norm.weight, eps, 1.0, native)
-            q, k = _rope(q, cos, sin, native), _rope(k, cos, sin, native)
             if self.gqa:  # masks: (seqlens_k, total_length); the cache comes back with this row in it
-                window = cfg.sliding_window if cfg.sliding_layers[i] else -1
-                attn, *present = _gqa(q, k, v, caches[2 * i], caches[2 * i + 1], *masks, window, scaling)
+                window = cfg.sliding_window if sliding else -1
+                rotary = self.get_buffer(f"cos_{int(sliding)}"), self.get_buffer(f"sin_{int(sliding)}")
+                cache_kv = caches[2 * i], caches[2 * i + 1]
+                attn, *present = _gqa(q, k, v, *cache_kv, *masks, *rotary, window, scaling)
                 new_kv.append(present)
             else:
+                q, k = _rope(q, cos, sin, native), _rope(k, cos, sin, native)
                 new_kv.append((k, v))
                 k_all = torch.cat((caches[2 * i], k), dim=1)  # [1, capacity + N, KV, D]
                 v_all = torch.cat((caches[2 * i + 1], v), dim=1)
@@ -197,21 +267,21 @@ class StepGraph(nn.Module):
                 attn = attend(q, k_all, v_all, mask, scaling, keys_first=False)
             attn = a.o_proj(attn)
             if self.gemma:
-                x = x + _rms(attn, layer.post_attention_layernorm.weight, eps, 1.0, native)
-                h = _rms(x, layer.pre_feedforward_layernorm.weight, eps, 1.0, native)
+                attn = _rms(attn, layer.post_attention_layernorm.weight, eps, 1.0, native)
+                x, h = _add_rms(x, attn, layer.pre_feedforward_layernorm.weight, eps, 1.0, native)
                 gate, up = self.gate_up[i](h).chunk(2, dim=-1)
                 if native:
                     gate = F.gelu(gate, approximate="tanh")
                 else:
                     gate = F.gelu(gate.float(), approximate="tanh").to(h.dtype)
                 h = layer.mlp.down_proj(gate * up)
-                x = x + _rms(h, layer.post_feedforward_layernorm.weight, eps, 1.0, native)
+                h = _rms(h, layer.post_feedforward_layernorm.weight, eps, 1.0, native)
             else:
-                x = x + attn
-                h = _rms(x, layer.post_attention_layernorm.weight, eps, 0.0, native)
+                x, h = _add_rms(x, attn, layer.post_attention_layernorm.weight, eps, 0.0, native)
                 gate, up = self.gate_up[i](h).chunk(2, dim=-1)
-                x = x + layer.mlp.down_proj(F.silu(gate) * up)
-        return _rms(x, m.norm.weight, eps, off, native), new_kv
+                h = layer.mlp.down_proj(F.silu(gate) * up)
+            x, h = _add_rms(x, h, following[i], eps, off, native)
+        return h, new_kv
 
     def _plain_gqa(self, tokens, length, tree_indices, total, caches):
         """The plain step over GroupQueryAttention: the root's K/V go into the cache at slot `length` inside
@@ -332,6 +402,9 @@ def export_step(
         )
     _rename_dims(program.model, inputs, outputs)
     program.save(str(path), external_data=True)
+    model = onnx.load(str(path), load_external_data=False)
+    if _drop_unused_skip_outputs(model):
+        onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=False)
     return inputs, outputs
 

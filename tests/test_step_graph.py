@@ -97,6 +97,37 @@ def test_gqa_plain_step_writes_the_cache_in_place_and_equals_base_greedy(tiny_ba
         assert medusa.generate(ids, 60).token_ids == want
 
 
+def test_native_fp16_step_graphs_fuse_norms_and_rotary_and_equal_the_host_loop(tmp_path):
+    """A half-precision artifact's step graphs as the GPU runs them in bf16: each residual add fused with
+    the norm after it (SkipSimplifiedLayerNormalization), the GQA plain step rotating q and k itself (no
+    RotaryEmbedding left); plain and Medusa decoding over them equal the host loop over model.onnx."""
+    from medusa_export.onnx_export import export_onnx
+    from medusa_export.step_graph import SKIP_NORM, count_nodes
+
+    name = "tiny-gemma3-mq"
+    folder = export_onnx(
+        name,
+        "random:4",
+        tmp_path / name,
+        dtype="fp16",
+        max_seq=256,
+        quiet=True,
+        gpu_step=True,
+        plain_attention="gqa",
+    )
+    layers = json.loads((folder / "artifact.json").read_text())["model"]["num_layers"]
+    plain, tree = count_nodes(folder / "step_plain.onnx"), count_nodes(folder / "step.onnx")
+    assert plain[SKIP_NORM] == tree[SKIP_NORM] == 2 * layers
+    assert "RotaryEmbedding" not in plain and tree["RotaryEmbedding"] == 2 * layers
+    host = MedusaRuntime.open(folder, medusa=False)
+    fused = MedusaRuntime.open(folder, backend=STEP, medusa=False)
+    medusa = MedusaRuntime.open(folder, backend=STEP, tree="tree16")
+    for prompt in PROMPTS[:2]:
+        ids = host.encode(prompt)
+        want = host.generate(ids, 40).token_ids
+        assert fused.generate(ids, 40).token_ids == medusa.generate(ids, 40).token_ids == want
+
+
 def test_gqa_plain_step_refusals(tmp_path):
     from medusa_export.onnx_export import export_onnx
 
