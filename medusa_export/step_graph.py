@@ -53,13 +53,29 @@ SKIP_NORM = "SkipSimplifiedLayerNormalization"
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, native: bool) -> torch.Tensor:
+    """RMSNorm over the last axis. native (bf16/fp16): SkipSimplifiedLayerNormalization of x with itself
+    as the skip and 4 * eps, which is rms_norm(x) exactly in real arithmetic and in binary floating point
+    (2x, its mean square 4 * ms and 4 * (ms + eps) are exact scalings): on CUDA its kernel takes about half
+    the time of RMSNormalization's for rows this short (1.6 against 3.1 us on an H200)."""
     if not native or x.dtype == torch.float32:
         return rms_norm(x, weight, eps, offset)
+    rows = x.reshape(1, -1, x.shape[-1])  # the operator takes [batch, rows, hidden]
+    return _skip_norm(rows, rows, weight, 4.0 * eps, offset)[0].reshape(x.shape)
+
+
+def _skip_norm(x, skip, weight, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """com.microsoft SkipSimplifiedLayerNormalization: (rms_norm(x + skip) * scale, x + skip); float32 math
+    inside, the sum rounded to the model dtype."""
     scale = ((offset + weight.float()) if offset else weight.float()).to(x.dtype)
-    attrs = {"axis": -1, "epsilon": float(eps), "stash_type": 1}
-    return torch.onnx.ops.symbolic(
-        "RMSNormalization", (x, scale), attrs, dtype=x.dtype, shape=x.shape, version=23
+    normed, _, _, total = torch.onnx.ops.symbolic_multi_out(
+        f"com.microsoft::{SKIP_NORM}",
+        (x, skip, scale),
+        {"epsilon": float(eps)},
+        dtypes=(x.dtype, torch.float32, torch.float32, x.dtype),
+        shapes=(x.shape, (), (), x.shape),
+        version=1,
     )
+    return normed, total
 
 
 def _add_rms(
@@ -71,30 +87,24 @@ def _add_rms(
     if not native or x.dtype == torch.float32:
         total = x + delta
         return total, _rms(total, weight, eps, offset, native)
-    scale = ((offset + weight.float()) if offset else weight.float()).to(x.dtype)
-    normed, _, _, total = torch.onnx.ops.symbolic_multi_out(
-        f"com.microsoft::{SKIP_NORM}",
-        (x, delta, scale),
-        {"epsilon": float(eps)},
-        dtypes=(x.dtype, torch.float32, torch.float32, x.dtype),
-        shapes=(x.shape, (), (), x.shape),
-        version=1,
-    )
+    normed, total = _skip_norm(x, delta, weight, eps, offset)
     return total, normed
 
 
 def _drop_unused_skip_outputs(model) -> int:
-    """The mean and inverse-std outputs of every SkipSimplifiedLayerNormalization made optional (empty
-    names): nothing reads them and the CUDA kernel does not write them. Returns how many nodes changed."""
+    """The outputs of SkipSimplifiedLayerNormalization nodes that nothing reads made optional (empty names):
+    always the mean and inverse std (the CUDA kernel does not write them), the sum where a node is a plain
+    norm (_rms). Returns how many nodes there are."""
     g = model.graph
     used = {name for node in g.node for name in node.input} | {o.name for o in g.output}
     nodes = [node for node in g.node if node.op_type == SKIP_NORM]
     dropped = set()
     for node in nodes:
-        for i in (1, 2):
-            assert node.output[i] not in used, node.output[i]
-            dropped.add(node.output[i])
-            node.output[i] = ""
+        for i in (1, 2, 3):
+            if node.output[i] not in used:
+                dropped.add(node.output[i])
+                node.output[i] = ""
+        assert not node.output[1] and not node.output[2], node.name
     kept = [v for v in g.value_info if v.name not in dropped]
     del g.value_info[:]
     g.value_info.extend(kept)

@@ -192,7 +192,8 @@ print('ok')
 
 
 def test_draft_vocabulary_heads_keep_outputs_exact(tiny_base, tmp_path):
-    """Heads restricted to the N most frequent tokens: top-k ids map back into that set, output unchanged."""
+    """Heads restricted to the N most frequent tokens: top-k ids map back into that set, output unchanged;
+    the fused step graph drafts the same trees from them (same accepted paths as the host loop)."""
     from medusa_export.draft_vocab import write_draft_vocab
     from medusa_export.heads import random_heads, save_heads
     from medusa_export.onnx_export import export_onnx
@@ -202,14 +203,22 @@ def test_draft_vocabulary_heads_keep_outputs_exact(tiny_base, tmp_path):
     save_heads(random_heads(3, c.hidden_size, c.vocab_size, seed=5), tmp_path / "heads", "tiny-qwen2")
     write_draft_vocab(tmp_path / "heads", [base.tokenizer.encode(p).ids for p in PROMPTS])
     folder = export_onnx(
-        "tiny-qwen2", str(tmp_path / "heads"), tmp_path / "art", max_seq=256, draft_vocab=24, quiet=True
+        "tiny-qwen2",
+        str(tmp_path / "heads"),
+        tmp_path / "art",
+        max_seq=256,
+        draft_vocab=24,
+        quiet=True,
+        gpu_step=True,
     )
     draft = set(json.loads((tmp_path / "heads" / "draft_vocab.json").read_text())["ids"][:24])
     rt = MedusaRuntime.open(folder, tree="tree8")
+    fused = MedusaRuntime.open(folder, backend="ort-cpu-step", tree="tree8")
     for prompt in PROMPTS:
         ids = rt.encode(prompt)
-        res = rt.generate(ids, 30)
-        assert res.token_ids == hf_greedy(base, ids, 30).tokens
+        res, res_fused = rt.generate(ids, 30), fused.generate(ids, 30)
+        assert res.token_ids == res_fused.token_ids == hf_greedy(base, ids, 30).tokens
+        assert [s.path for s in res_fused.steps] == [s.path for s in res.steps]
     from medusa_runtime.decode import prefill
 
     out = prefill(rt.backend, rt.encode(PROMPTS[0]), rt.window)

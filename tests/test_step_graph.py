@@ -98,8 +98,9 @@ def test_gqa_plain_step_writes_the_cache_in_place_and_equals_base_greedy(tiny_ba
 
 
 def test_native_fp16_step_graphs_fuse_norms_and_rotary_and_equal_the_host_loop(tmp_path):
-    """A half-precision artifact's step graphs as the GPU runs them in bf16: each residual add fused with
-    the norm after it (SkipSimplifiedLayerNormalization), the GQA plain step rotating q and k itself (no
+    """A half-precision artifact's step graphs as the GPU runs them in bf16: every norm a
+    SkipSimplifiedLayerNormalization (each residual add fused with the norm after it, the other norms with
+    the input as its own skip), the GQA plain step rotating q and k itself (no
     RotaryEmbedding left); plain and Medusa decoding over them equal the host loop over model.onnx."""
     from medusa_export.onnx_export import export_onnx
     from medusa_export.step_graph import SKIP_NORM, count_nodes
@@ -117,7 +118,9 @@ def test_native_fp16_step_graphs_fuse_norms_and_rotary_and_equal_the_host_loop(t
     )
     layers = json.loads((folder / "artifact.json").read_text())["model"]["num_layers"]
     plain, tree = count_nodes(folder / "step_plain.onnx"), count_nodes(folder / "step.onnx")
-    assert plain[SKIP_NORM] == tree[SKIP_NORM] == 2 * layers
+    # per layer 2 residual adds with their norms, 4 norms alone (q, k, after attention, after the MLP); the first
+    assert plain[SKIP_NORM] == tree[SKIP_NORM] == 6 * layers + 1
+    assert "RMSNormalization" not in plain and "RMSNormalization" not in tree
     assert "RotaryEmbedding" not in plain and tree["RotaryEmbedding"] == 2 * layers
     host = MedusaRuntime.open(folder, medusa=False)
     fused = MedusaRuntime.open(folder, backend=STEP, medusa=False)
