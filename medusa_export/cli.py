@@ -109,9 +109,10 @@ def onnx(
         str,
         typer.Option(
             "--plain-attention",
-            help="attention of the plain step graph: matmul | gqa (GroupQueryAttention, one KV head)",
+            help="attention of the plain step graph: matmul | gqa (GroupQueryAttention, one KV head) | auto "
+            "(gqa in bf16/fp16 where it applies)",
         ),
-    ] = "matmul",
+    ] = "auto",
 ):
     """Trace base model + Medusa heads into ONNX (+ sidecar, tokenizer) with tree-mask and tree-position inputs."""
     from .onnx_export import export_onnx

@@ -72,14 +72,15 @@ def export_onnx(
     gpu_step: bool = False,
     weights: str = "fp",
     default_trees: dict[str, str] | None = None,
-    plain_attention: str = "matmul",
+    plain_attention: str = "auto",
 ) -> Path:
     """Export MODEL + HEADS to the artifact folder `out` (written atomically). Returns `out`.
 
     `out` must be new, empty, or (with `force`) an earlier artifact; it may not overlap the inputs.
     `gpu_step`: also the fused step graph step.onnx (medusa_export.step_graph; needs opset 23), and
     step_plain.onnx, whose attention is `plain_attention`: matmul (as step.onnx) or gqa (com.microsoft
-    GroupQueryAttention: one KV head; bf16/fp16 on CUDA, any dtype on the CPU EP).
+    GroupQueryAttention: one KV head; bf16/fp16 on CUDA, any dtype on the CPU EP); auto: gqa where that
+    holds in bf16/fp16, else matmul.
     `weights`: fp (the dtype's own weights) or int4/int8 block-quantized MatMuls (medusa_export.quantize).
     `default_trees`: the default tree per device class ({"cpu": ..., "gpu": ...}; either defaults to
     `default_tree`)."""
@@ -94,8 +95,8 @@ def export_onnx(
         raise MedusaError(f"unknown dtype {dtype!r}: use one of {', '.join(ONNX_DTYPES)}")
     if max_seq < 16:
         raise MedusaError(f"--max-seq {max_seq} is too small (at least 16)")
-    if plain_attention not in ("matmul", "gqa"):
-        raise MedusaError(f"--plain-attention {plain_attention!r}: use matmul or gqa")
+    if plain_attention not in ("auto", "matmul", "gqa"):
+        raise MedusaError(f"--plain-attention {plain_attention!r}: use auto, matmul or gqa")
     if plain_attention == "gqa" and not gpu_step:
         raise MedusaError("--plain-attention applies to the fused step graphs: add --gpu-step")
     out = check_out_dir(Path(out), SIDECAR, force, inputs=[model, heads_path(heads)])
@@ -106,6 +107,8 @@ def export_onnx(
         med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
         check_finite(med, heads)
         drafts = draft_ids(heads, draft_vocab, cfg.vocab_size)
+    if plain_attention == "auto":  # GroupQueryAttention has CUDA kernels in bf16/fp16 only
+        plain_attention = "gqa" if dtype != "fp32" and cfg.num_kv_heads == 1 else "matmul"
     if plain_attention == "gqa" and cfg.num_kv_heads != 1:
         raise MedusaError(
             f"--plain-attention gqa needs one KV head (the cache layouts then agree); {model} has {cfg.num_kv_heads}"

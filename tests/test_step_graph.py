@@ -100,21 +100,14 @@ def test_gqa_plain_step_writes_the_cache_in_place_and_equals_base_greedy(tiny_ba
 def test_native_fp16_step_graphs_fuse_norms_and_rotary_and_equal_the_host_loop(tmp_path):
     """A half-precision artifact's step graphs as the GPU runs them in bf16: every norm a
     SkipSimplifiedLayerNormalization (each residual add fused with the norm after it, the other norms with
-    the input as its own skip), the GQA plain step rotating q and k itself (no
-    RotaryEmbedding left); plain and Medusa decoding over them equal the host loop over model.onnx."""
+    the input as its own skip), the plain step on GroupQueryAttention by default (auto), rotating q and k
+    itself (no RotaryEmbedding left); plain and Medusa decoding over them equal the host loop."""
     from medusa_export.onnx_export import export_onnx
     from medusa_export.step_graph import SKIP_NORM, count_nodes
 
     name = "tiny-gemma3-mq"
     folder = export_onnx(
-        name,
-        "random:4",
-        tmp_path / name,
-        dtype="fp16",
-        max_seq=256,
-        quiet=True,
-        gpu_step=True,
-        plain_attention="gqa",
+        name, "random:4", tmp_path / name, dtype="fp16", max_seq=256, quiet=True, gpu_step=True
     )
     layers = json.loads((folder / "artifact.json").read_text())["model"]["num_layers"]
     plain, tree = count_nodes(folder / "step_plain.onnx"), count_nodes(folder / "step.onnx")
