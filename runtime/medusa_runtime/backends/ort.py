@@ -7,7 +7,9 @@ a scratch area that the artifact's kv_commit graph gathers from, on the device, 
 CPU a tree's KV goes into rows [length, length + T) as well, and commit() moves the accepted rows down
 in host memory (nothing to move for a root-first prefix, i.e. any accepted chain): no kv_commit run and
 its 2 x layers x 2 bindings a step. Only input ids, masks and the argmax/top-k ids travel between host
-and device.
+and device. On the CPU, the weights ONNX Runtime reads in place from the mapped model.onnx.data (the
+embedding table) are released before each prefill (FilePages): a process serving many prompts otherwise
+keeps every embedding row any prompt touched resident.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from .. import contract
 from ..errors import MedusaError
+from ..file_pages import FilePages
 from .base import Backend, StepOutput
 
 LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
@@ -74,6 +77,7 @@ class OrtBackend(Backend):
         max_nodes: int = 64,
         threads: int | None = None,
         profile: str | None = None,  # file prefix: write ONNX Runtime's per-node profile of the model graph
+        release_pages: bool = True,  # CPU only: drop the mapped weights' resident pages per sequence
     ):
         import onnxruntime as ort
 
@@ -96,6 +100,11 @@ class OrtBackend(Backend):
                 opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
             return opts
 
+        release_pages = release_pages and device == "cpu"
+        weight_files = [artifact.path("model")] + [
+            artifact.folder / n for n in artifact.sidecar.external_data
+        ]
+        mapped_before = FilePages.mapped(weight_files) if release_pages else set()
         try:
             self.session = ort.InferenceSession(
                 str(artifact.path("model")), options(profile), providers=providers
@@ -148,6 +157,15 @@ class OrtBackend(Backend):
         self.io = self.session.io_binding()
         self.commit_io = self.commit_session.io_binding()
         self.last_tokens = 0
+        self.file_pages = FilePages(weight_files, before=mapped_before) if release_pages else None
+        if self.file_pages is not None:
+            self.file_pages.release()
+
+    def reset(self) -> None:
+        """A new sequence: drop the mapped weights' pages the last one faulted in (see FilePages)."""
+        super().reset()
+        if self.file_pages is not None:
+            self.file_pages.release()
 
     def _bind_kv(self, bind, names, ptrs, rows: int, offset: int = 0) -> None:
         """Bind each name to rows of its buffer ([1, rows, KV, D] from byte `offset`), a loop of C calls."""
