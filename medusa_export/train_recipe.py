@@ -231,7 +231,7 @@ def _fields(p: Passage, rng: random.Random, t: dict[str, Any], budget: int) -> d
         "segment": _segment(p.text, rng),
         "head": "\n".join(lines[: max(1, len(lines) // 2)]) + "\n",
         "question": rng.choice(questions).format(**p.facts, doc=doc),
-        "lang": rng.choice(t["languages"]),
+        "target_lang": rng.choice(t["languages"]),  # "lang" is a code passage's own language (its facts)
         "n": rng.choice(t["counts"]),
         "fields": t["fields"].get(p.kind, t["fields"]["any"]),
     }

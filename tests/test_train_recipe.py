@@ -61,6 +61,10 @@ def test_openings_and_tasks_cover_every_kind_and_are_deterministic():
     # a task belongs to the bundle of its passage(s); German passages are translated into English
     german = {p.group for p in passages if p.kind == "german"}
     assert any("English" in t.prompt for t in tasks if t.kind == "translate" and t.group in german)
+    # a code task's fence names its passage's programming language, never a translation target
+    code_langs = {p.group: p.facts["lang"] for p in passages if p.kind == "code"}
+    fenced = [t for t in tasks if t.kind == "code" and "```" in t.prompt and t.group in code_langs]
+    assert fenced and all(f"```{code_langs[t.group]}" in t.prompt for t in fenced)
 
 
 def test_multi_document_prompts_reach_long_contexts_within_the_budget():
