@@ -26,9 +26,9 @@ Runtime's free dimension overrides, so one file serves every tree and constant f
 shape arithmetic. fp32 computes what model.onnx computes (the same explicit forward and attention; a joined
 projection computes the same dot products).
 With `native=True` (bf16/fp16 artifacts) RMSNorm, RoPE and GELU run in the model dtype (float32 math
-inside the kernels, RMSNormalization stash_type=1) instead of float32 islands between Casts, and each
-residual add runs with the norm after it as one com.microsoft SkipSimplifiedLayerNormalization: far fewer
-nodes, slightly different rounding (Gemma's (1 + w) scale is rounded to the model dtype; a fused norm
+inside the kernels) instead of float32 islands between Casts, and every norm is one com.microsoft
+SkipSimplifiedLayerNormalization (_rms, _add_rms): each residual add runs inside the norm after it. Far
+fewer nodes, slightly different rounding (Gemma's (1 + w) scale is rounded to the model dtype; a fused norm
 normalizes the float32 sum, not the sum rounded to the model dtype).
 With `gqa` (the plain step only) each layer's attention is one com.microsoft GroupQueryAttention, which
 also rotates q and k (RoPE tables over every cache slot) and writes the new K/V into the cache in place.
