@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medusa_export.models.common import attend
-from medusa_runtime.artifact import Artifact
+from medusa_runtime.artifact import QUANTIZED_CPU_ROWS, Artifact
 from medusa_runtime.backends.ort import OrtBackend
 from medusa_runtime.masks import causal, step_masks
 
@@ -27,34 +27,34 @@ def _forward(backend, window, tokens, rows, keep_all):
     return out, backend.logits().copy()
 
 
-def check_chain_rows_equal_plain(folder, contexts, seed=0):
-    """For each context: CHAIN plain steps vs one verify of the same CHAIN tokens as a chain, then the commit
+def check_chain_rows_equal_plain(folder, contexts, seed=0, chain=CHAIN):
+    """For each context: `chain` plain steps vs one verify of the same tokens as a chain, then the commit
     of the whole chain vs the plain steps' cache (and the next step on top of it)."""
     artifact = Artifact.load(folder)
     window = artifact.model["sliding_window"]
     vocab = artifact.model["vocab_size"]
     rng = np.random.default_rng(seed)
-    backend = OrtBackend(artifact, "cpu", max_nodes=CHAIN)
-    ids = rng.integers(3, min(vocab, 4096), size=max(contexts) + CHAIN + 1).tolist()
+    backend = OrtBackend(artifact, "cpu", max_nodes=chain)
+    ids = rng.integers(3, min(vocab, 4096), size=max(contexts) + chain + 1).tolist()
     for ctx in contexts:
         backend.reset()
         _forward(backend, window, ids[:ctx], [ctx - 1], True)
-        chain = ids[ctx : ctx + CHAIN]
+        tokens = ids[ctx : ctx + chain]
         plain = []
-        for token in chain:
+        for token in tokens:
             out, logits = _forward(backend, window, [token], [0], True)
             plain.append((logits[0], int(out.next_tokens[0]), out.medusa_topk[:, 0].copy()))
-        after_plain, logits_plain = _forward(backend, window, [ids[ctx + CHAIN]], [0], True)
+        after_plain, logits_plain = _forward(backend, window, [ids[ctx + chain]], [0], True)
         backend.length = ctx
-        out, logits = _forward(backend, window, chain, np.arange(CHAIN), False)
+        out, logits = _forward(backend, window, tokens, np.arange(chain), False)
         for i, (row, token, topk) in enumerate(plain):
             assert np.array_equal(logits[i], row), (
                 f"context {ctx}: verify row {i} differs from the plain step"
             )
             assert int(out.next_tokens[i]) == token
             assert np.array_equal(out.medusa_topk[:, i], topk)
-        backend.commit(np.arange(CHAIN))
-        after_commit, logits_commit = _forward(backend, window, [ids[ctx + CHAIN]], [0], True)
+        backend.commit(np.arange(chain))
+        after_commit, logits_commit = _forward(backend, window, [ids[ctx + chain]], [0], True)
         assert np.array_equal(logits_commit, logits_plain), f"context {ctx}: the committed cache differs"
 
 
@@ -137,13 +137,15 @@ def test_attention_rows_independent_of_tree_size(kv, tmp_path):
                 np.testing.assert_allclose(row[:, :, 0], tree[:, :, i], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gemma3-270m-int4", "q-gemma3-270m-int4", "gemma3-270m"])
+@pytest.mark.parametrize("name", ["gemma3-270m-int4", "gemma3-270m"])
 def test_verify_rows_equal_plain_steps_real(name):
-    """The shipped model (one KV head: the reshape path of the attention) where an artifact was exported."""
+    """The shipped model (one KV head: the reshape path of the attention) where an artifact was exported:
+    4-row chains, and the longest verify the runtime allows on quantized CPU weights."""
     folder = ROOT / "artifacts" / name
     if not (folder / "artifact.json").is_file():
         pytest.skip(f"no artifact at {folder} (make demo)")
     check_chain_rows_equal_plain(folder, [100, 700])
+    check_chain_rows_equal_plain(folder, [137], chain=QUANTIZED_CPU_ROWS)
 
 
 def test_attention_matches_reference_math():

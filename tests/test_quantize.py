@@ -202,6 +202,7 @@ def test_tiny_quantized_export_medusa_equals_plain(quantized_tiny, name, weights
     from conftest import PROMPTS
     from medusa_export.validate import validate
     from medusa_runtime.api import MedusaRuntime
+    from medusa_runtime.errors import MedusaError
 
     folder = quantized_tiny(name, weights)
     meta = json.loads((folder / "artifact.json").read_text())
@@ -217,7 +218,9 @@ def test_tiny_quantized_export_medusa_equals_plain(quantized_tiny, name, weights
     assert MedusaRuntime.open(folder).tree_name == "tree4"  # the CPU default of `default_trees`
     assert medusa_artifact(folder).default_tree("ort-cuda") == "tree16"
     assert medusa_artifact(folder).default_tree("trt") == "tree16"
-    medusa = MedusaRuntime.open(folder, tree="mc_sim_7b_63")
+    with pytest.raises(MedusaError, match="verifies up to 64 rows; on quantized weights"):
+        MedusaRuntime.open(folder, tree="mc_sim_7b_63")  # beyond QUANTIZED_CPU_ROWS: refused on ort-cpu
+    medusa = MedusaRuntime.open(folder, tree="tree16")
     plain = MedusaRuntime.open(folder, medusa=False)
     chain = MedusaRuntime.open(folder, tree="chain4")  # chains are exact by construction (README)
     for prompt in PROMPTS:
