@@ -97,7 +97,7 @@ class Variant:
         model, commit = b.session, b.commit_session
         m0, c0 = model.seconds, commit.seconds
         t0 = time.perf_counter()
-        cand = candidates(tree, self.token, self.draft, lookup(tree, self.context))
+        cand = candidates(tree, self.token, self.draft, lookup(tree, self.context)[0])
         t1 = time.perf_counter()
         positions = b.length + tree.position_ids
         masks = step_masks(b.length, positions, tree.attention_mask, window)
