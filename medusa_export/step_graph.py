@@ -425,11 +425,7 @@ def sample_step_inputs(cfg, capacity: int, torch_dtype, gqa: bool = False) -> tu
 
     tree = build_tree([[0], [1], [0, 0], [0, 0, 0]])
     n = tree.num_nodes
-    kv = (
-        (1, cfg.num_kv_heads, capacity, cfg.head_dim)
-        if gqa
-        else (1, capacity, cfg.num_kv_heads, cfg.head_dim)
-    )
+    kv = contract.step_cache_shape(cfg.num_kv_heads, cfg.head_dim, capacity, gqa)
     caches = [torch.randn(kv).to(torch_dtype) for _ in range(2 * cfg.num_layers)]
     total = [torch.tensor([capacity], dtype=torch.int32)] if gqa else []
     return (

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from medusa_export.models.common import attend
-from medusa_runtime.artifact import QUANTIZED_CPU_ROWS, Artifact
-from medusa_runtime.backends.ort import OrtBackend
+from medusa_runtime.artifact import Artifact
+from medusa_runtime.backends.ort import QUANTIZED_CPU_ROWS, OrtBackend
 from medusa_runtime.masks import causal, step_masks
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,6 +17,7 @@ the plain step's row, and the output is plain greedy decoding's (tests/test_cpu_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from .lookup import match_length
@@ -36,11 +37,14 @@ def chain_length(context: Sequence[int], longest: int) -> int:
 
 def chain_prefixes(tree: TreeBuffers) -> dict[int, TreeBuffers] | None:
     """For an adaptive tree, the fixed chains a step may verify instead ({1..L: chain0+lookup<length>},
-    built once per decode); None for any other tree."""
-    if not tree.adaptive:
-        return None
+    built once per process and length); None for any other tree."""
+    return _chains(tree.lookup_length) if tree.adaptive else None
+
+
+@functools.cache
+def _chains(longest: int) -> dict[int, TreeBuffers]:
     root = build_tree([])
-    return {n: with_lookup(root, 1, n) for n in range(1, tree.lookup_length + 1)}
+    return {n: with_lookup(root, 1, n) for n in range(1, longest + 1)}
 
 
 def step_tree(

@@ -90,22 +90,13 @@ class Artifact:
             spec = self.default_tree(backend)
             if lookup is not None:
                 spec = split_lookup(spec)[0]
-        name, buffers = resolve_tree(
+        return resolve_tree(
             spec,
             served=self.sidecar.trees,
             num_heads=self.num_heads,
             topk=self.topk,
             lookup=lookup,
         )
-        if self.sidecar.weights and backend and device_class(backend) == "cpu":
-            if buffers.num_nodes > QUANTIZED_CPU_ROWS:
-                raise MedusaError(
-                    f"tree {name} verifies up to {buffers.num_nodes} rows; on quantized weights ONNX Runtime's CPU "
-                    f"MatMulNBits computes a verify of more than {QUANTIZED_CPU_ROWS} rows differently from a "
-                    f"plain step, so Medusa would leave plain decoding: use at most {QUANTIZED_CPU_ROWS} nodes "
-                    f"(e.g. chain0+lookupauto{QUANTIZED_CPU_ROWS - 1})"
-                )
-        return name, buffers
 
     def check_io(self, kind: str, actual: list[tuple[str, str]]) -> None:
         """Compare (name, type) pairs of a loaded graph with the sidecar's contract."""
@@ -134,12 +125,6 @@ def release_heap() -> None:
         ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
-
-
-# The most rows a verify on quantized weights may have on ort-cpu: up to 16 rows, each row of ONNX Runtime's
-# (1.32, MLAS) MatMulNBits is bitwise the one-row product; from 17, even row 0 differs
-# (tests/test_cpu_step.py::test_verify_rows_equal_plain_steps_real).
-QUANTIZED_CPU_ROWS = 16
 
 
 def device_class(backend: str) -> str:

@@ -144,7 +144,7 @@ def step_inputs(
     ]
     if gqa:
         specs.append(TensorSpec(STEP_TOTAL, "int32", (1,)))
-    shape = _step_cache_shape(kv_heads, head_dim, capacity, gqa)
+    shape = step_cache_shape(kv_heads, head_dim, capacity, gqa)
     return specs + [TensorSpec(n, kv_dtype, shape) for n in step_cache_names(num_layers)[0]]
 
 
@@ -156,9 +156,10 @@ def step_outputs(
         TensorSpec(STEP_NEXT_LENGTH, INT64, (1,)),
         TensorSpec(STEP_RESULT, INT64, ("result",)),
     ]
-    shape = _step_cache_shape(kv_heads, head_dim, capacity, gqa)
+    shape = step_cache_shape(kv_heads, head_dim, capacity, gqa)
     return specs + [TensorSpec(n, kv_dtype, shape) for n in step_cache_names(num_layers)[1]]
 
 
-def _step_cache_shape(kv_heads: int, head_dim: int, capacity: int, gqa: bool) -> tuple[int, ...]:
+def step_cache_shape(kv_heads: int, head_dim: int, capacity: int, gqa: bool = False) -> tuple[int, ...]:
+    """A step graph's cache shape: [1, capacity, KV, D], or [1, KV, capacity, D] crossing GroupQueryAttention."""
     return (1, kv_heads, capacity, head_dim) if gqa else (1, capacity, kv_heads, head_dim)

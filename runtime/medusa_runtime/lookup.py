@@ -23,7 +23,9 @@ from .tree import TreeBuffers, TreeError, with_lookup
 MAX_NGRAM = 3  # longest suffix searched for
 SCAN = 8  # occurrences looked at per n-gram length, at most, when looking for distinct continuations
 AUTO = "auto"  # the adaptive spelling: +lookupauto, +lookupauto<L> (at most L tokens a step)
-AUTO_LENGTH = 12  # an adaptive chain's longest verify when the spelling gives none (16: peak RSS > 700 MiB)
+AUTO_LENGTH = (
+    12  # an adaptive chain's longest verify when the spelling gives none (measured best, BENCHMARKS.md)
+)
 
 LookupSpec = int | str | tuple[int, int] | None
 

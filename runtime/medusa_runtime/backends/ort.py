@@ -24,6 +24,10 @@ from ..file_pages import FilePages
 from .base import Backend, StepOutput
 
 LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
+# The most rows a verify on quantized weights may have on the CPU: up to 16 rows, each row of ONNX Runtime's
+# (1.32, MLAS) MatMulNBits is bitwise the one-row product; from 17, even row 0 differs
+# (tests/test_cpu_step.py::test_verify_rows_equal_plain_steps_real).
+QUANTIZED_CPU_ROWS = 16
 
 
 def bind_token_inputs(io, input_ids, positions, masks, rows) -> None:
@@ -90,6 +94,13 @@ class OrtBackend(Backend):
         self.kv_tail = (kv_heads, head_dim)
 
         providers = execution_providers(ort, device, self.kv_dtype, f"ort-{device}")
+        if device == "cpu" and artifact.sidecar.weights and max_nodes > QUANTIZED_CPU_ROWS:
+            raise MedusaError(
+                f"a tree of {max_nodes} nodes verifies up to {max_nodes} rows; on quantized weights ONNX Runtime's "
+                f"CPU MatMulNBits computes a verify of more than {QUANTIZED_CPU_ROWS} rows differently from a plain "
+                f"step, so Medusa would leave plain decoding: use at most {QUANTIZED_CPU_ROWS} nodes "
+                f"(e.g. chain0+lookupauto{QUANTIZED_CPU_ROWS - 1})"
+            )
 
         def options(profile_prefix: str | None = None):
             opts = ort.SessionOptions()

@@ -258,6 +258,7 @@ class StepRunner:
         cache_shape = self._cache_shape(declared[backend.cache_names[0]].shape)
         if contract.STEP_TOTAL in declared:  # GroupQueryAttention reads the capacity on the host
             self.total = ort.OrtValue.ortvalue_from_numpy(np.array([backend.capacity], dtype=np.int32))
+        elem = contract.ONNX_ELEM[backend.kv_dtype]
         self.bindings, self.run_options = [], []
         for parity in (0, 1):
             io = self.session.io_binding()
@@ -271,7 +272,6 @@ class StepRunner:
                 io.bind_ortvalue_input(contract.STEP_TOTAL, self.total)
             src = caches[parity % len(caches)]
             dst = caches[other % len(caches)]
-            elem = contract.ONNX_ELEM[backend.kv_dtype]
             for name, value in zip(backend.cache_names, src):
                 io.bind_input(name, backend.device, 0, elem, cache_shape, value.data_ptr())
             io.bind_ortvalue_output(contract.STEP_NEXT_TOKENS, self.tokens[other])
@@ -288,11 +288,11 @@ class StepRunner:
         self.runs = [0, 0]  # per binding: the first CAPTURE_RUNS may capture a CUDA graph
 
     def _cache_shape(self, declared: list) -> list[int]:
-        """The cache shape the graph declares: [1, capacity, KV, D], or [1, KV, capacity, D] for a
-        GroupQueryAttention plain step, the same bytes only for one KV head."""
+        """The cache shape the graph declares (contract.step_cache_shape): [1, capacity, KV, D], or
+        [1, KV, capacity, D] for a GroupQueryAttention plain step, the same bytes only for one KV head."""
         kv, d = self.backend.kv_tail
-        shape = [1, self.backend.capacity, kv, d]
-        if list(declared) == [1, kv, self.backend.capacity, d] and kv == 1:
+        shape = list(contract.step_cache_shape(kv, d, self.backend.capacity))
+        if kv == 1 and list(declared) == list(contract.step_cache_shape(kv, d, self.backend.capacity, True)):
             return list(declared)
         if list(declared) != shape:
             raise MedusaError(f"{self.role}.onnx declares caches {declared}; this runtime binds {shape}")
