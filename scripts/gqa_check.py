@@ -25,13 +25,9 @@ H, KV, D, CAP, W = 4, 1, 256, 64, 8  # Gemma 3 270M's heads and head size; a sma
 ELEM = {"fp32": 1, "fp16": 10}  # ONNX element types
 
 
-def to_bits(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values as the stored array of `dtype`."""
+def stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as the array of `dtype` the session takes."""
     return x.astype(np.float16 if dtype == "fp16" else np.float32)
-
-
-def from_bits(x: np.ndarray, dtype: str) -> np.ndarray:
-    return x.astype(np.float32)
 
 
 def session(ort, dtype: str, window: int, device: str, graph: bool):
@@ -129,17 +125,17 @@ def main() -> None:
         for length in (3, 5, 12, 20, 40, 63, 7, 30):
             x = {n: rng.standard_normal(a.shape()).astype(np.float32) for n, a in alloc.items() if n != "out"}
             for n, a in x.items():
-                alloc[n].update_inplace(to_bits(a, dt))
+                alloc[n].update_inplace(stored(a, dt))
             seqlens.update_inplace(np.array([length], np.int32))
             s.run_with_iobinding(io)
-            back = {n: from_bits(alloc[n].numpy(), dt) for n in ("past_k", "past_v", "out")}
-            kk, vv = (from_bits(to_bits(x[n], dt), dt)[0, 0] for n in ("past_k", "past_v"))
-            newk, newv = (from_bits(to_bits(x[n], dt), dt).reshape(-1) for n in ("k", "v"))
+            back = {n: alloc[n].numpy().astype(np.float32) for n in ("past_k", "past_v", "out")}
+            kk, vv = (stored(x[n], dt).astype(np.float32)[0, 0] for n in ("past_k", "past_v"))
+            newk, newv = (stored(x[n], dt).astype(np.float32).reshape(-1) for n in ("k", "v"))
             in_place &= bool(np.array_equal(back["past_k"][0, 0, length], newk))
             in_place &= bool(np.array_equal(back["past_v"][0, 0, length], newv))
             kept &= bool(np.array_equal(np.delete(back["past_k"][0, 0], length, 0), np.delete(kk, length, 0)))
             kk[length], vv[length] = newk, newv
-            q = from_bits(to_bits(x["q"], dt), dt)
+            q = stored(x["q"], dt).astype(np.float32)
             for win in errors:
                 ref = reference(q, kk, vv, length, win)
                 errors[win].append(float(np.linalg.norm(back["out"].reshape(-1) - ref) / np.linalg.norm(ref)))
