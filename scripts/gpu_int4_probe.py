@@ -36,8 +36,13 @@ def weights(rng, layers: int, vocab: int) -> list[tuple[str, np.ndarray]]:
     """(name, W [N, K]) in the order the graph uses them."""
     out = []
     for i in range(layers):
-        for name, n, k in (("qkv", QKV, HIDDEN), ("o", HIDDEN, Q), ("gate", FF, HIDDEN), ("up", FF, HIDDEN),
-                           ("down", HIDDEN, FF)):
+        for name, n, k in (
+            ("qkv", QKV, HIDDEN),
+            ("o", HIDDEN, Q),
+            ("gate", FF, HIDDEN),
+            ("up", FF, HIDDEN),
+            ("down", HIDDEN, FF),
+        ):
             # sigmoid(gate) * up has ~0.29 of up's mean square: down makes it up, so activations stay near 1
             gain = 1.86 if name == "down" else 1.0
             out.append((f"l{i}.{name}", gain * rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)))
@@ -82,10 +87,19 @@ def build(ws, variant: str, dtype: str):
         b = rtn(w, bits)
         sname, sf = float_init(name + ".scales", b.scales.reshape(-1))
         b.scales = sf.reshape(b.scales.shape)
-        nodes.append(helper.make_node(
-            "MatMulNBits", [x, const(name + ".q", b.packed()), sname, const(name + ".zp", b.packed_zero_points())],
-            [name + ".y"], name=name, domain="com.microsoft", K=b.k, N=b.n, bits=bits, block_size=b.block_size,
-        ))
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [x, const(name + ".q", b.packed()), sname, const(name + ".zp", b.packed_zero_points())],
+                [name + ".y"],
+                name=name,
+                domain="com.microsoft",
+                K=b.k,
+                N=b.n,
+                bits=bits,
+                block_size=b.block_size,
+            )
+        )
         used[name] = b.dequantize()
         return name + ".y"
 
@@ -110,13 +124,18 @@ def build(ws, variant: str, dtype: str):
     nodes.append(helper.make_node("Cast", [logits], ["logits"], to=1))
     nodes.append(helper.make_node("Cast", [draft], ["draft_logits"], to=1))
     graph = helper.make_graph(
-        nodes, f"probe_{variant}",
+        nodes,
+        f"probe_{variant}",
         [helper.make_tensor_value_info("x", 1, ["rows", HIDDEN])],
-        [helper.make_tensor_value_info("logits", 1, ["rows", None]),
-         helper.make_tensor_value_info("draft_logits", 1, ["rows", DRAFT])],
+        [
+            helper.make_tensor_value_info("logits", 1, ["rows", None]),
+            helper.make_tensor_value_info("draft_logits", 1, ["rows", DRAFT]),
+        ],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10
     return model, used, layers
 
@@ -156,8 +175,10 @@ def main() -> None:
         model, used, layers = build(ws, variant, a.dtype)
         blob = model.SerializeToString()
         wbytes = sum(len(t.raw_data) or 0 for t in model.graph.initializer)
-        print(f"[probe] {variant}: graph built in {time.perf_counter() - t0:.1f} s, weights {wbytes / 2**20:.0f} MiB",
-              flush=True)
+        print(
+            f"[probe] {variant}: graph built in {time.perf_counter() - t0:.1f} s, weights {wbytes / 2**20:.0f} MiB",
+            flush=True,
+        )
         for m in rows:
             x = (rng.standard_normal((m, HIDDEN), dtype=np.float32)).astype(np.float32)
             row = {"variant": variant, "dtype": a.dtype, "rows": m, "weight_mib": round(wbytes / 2**20, 1)}
@@ -174,8 +195,10 @@ def main() -> None:
                 dev = "cuda" if a.device == "cuda" else "cpu"
                 xv = ort.OrtValue.ortvalue_from_numpy(x, dev, 0)
                 out_names = [o.name for o in sess.get_outputs()]
-                outs = [ort.OrtValue.ortvalue_from_numpy(np.full((m, n), np.nan, np.float32), dev, 0)  # poisoned
-                        for n in (a.vocab, DRAFT)]
+                outs = [
+                    ort.OrtValue.ortvalue_from_numpy(np.full((m, n), np.nan, np.float32), dev, 0)  # poisoned
+                    for n in (a.vocab, DRAFT)
+                ]
                 io = sess.io_binding()
                 io.bind_ortvalue_input("x", xv)
                 for name, v in zip(out_names, outs):
@@ -204,7 +227,9 @@ def main() -> None:
                 row["error"] = str(e).splitlines()[0][:300]
             results.append(row)
             print("[probe]", json.dumps(row), flush=True)
-    print(f"\n| variant ({a.dtype}, {a.device}) | rows | weights MiB | ms / step (median) | rel err | argmax agree |")
+    print(
+        f"\n| variant ({a.dtype}, {a.device}) | rows | weights MiB | ms / step (median) | rel err | argmax agree |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
         ms = f"{r['ms_median']:.3f}" if "ms_median" in r else r.get("error", "")[:60]
