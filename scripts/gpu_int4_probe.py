@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from medusa_export.gguf_blocks import rtn  # noqa: E402
+from medusa_runtime.contract import DTYPES, ONNX_ELEM  # noqa: E402
 
 HIDDEN, QKV, Q, FF, LAYERS, VOCAB, DRAFT = 640, 1536, 1024, 2048, 18, 262144, 8192
-ONNX_DTYPE = {"fp32": 1, "fp16": 10, "bf16": 16}
+FLOAT = ONNX_ELEM["float32"]
 
 
 def weights(rng, layers: int, vocab: int) -> list[tuple[str, np.ndarray]]:
@@ -56,7 +57,7 @@ def build(ws, variant: str, dtype: str):
     and the float32 weights it computes with (dequantized where quantized)."""
     from onnx import helper, numpy_helper
 
-    elem = ONNX_DTYPE[dtype]
+    elem = ONNX_ELEM[DTYPES[dtype]]
     nodes, inits, used = [], [], {}
 
     def const(name, arr):
@@ -75,8 +76,10 @@ def build(ws, variant: str, dtype: str):
         return const(name, a), a.astype(np.float32)
 
     def matmul(x, name, w):
-        if variant == "fp" or name == "draft" or (name == "lm_head" and variant == "int4"):
-            bits = 8 if variant != "fp" else 0
+        if variant == "fp":
+            bits = 0
+        elif name == "draft" or (name == "lm_head" and variant == "int4"):
+            bits = 8
         else:
             bits = 4
         if bits == 0:
@@ -106,7 +109,7 @@ def build(ws, variant: str, dtype: str):
     nodes.append(helper.make_node("Cast", ["x"], ["x.cast"], to=elem))  # float32 I/O, the dtype inside
     x = "x.cast"
     wd = dict(ws)
-    layers = len([n for n, _ in ws if n.endswith(".qkv")])
+    layers = sum(n.endswith(".qkv") for n, _ in ws)
     starts = const("q_start", np.array([0], np.int64))
     ends = const("q_end", np.array([Q], np.int64))
     axes = const("last", np.array([1], np.int64))
@@ -121,15 +124,15 @@ def build(ws, variant: str, dtype: str):
         x = matmul(f"l{i}.gu", f"l{i}.down", wd[f"l{i}.down"])
     logits = matmul(x, "lm_head", wd["lm_head"])
     draft = matmul(x, "draft", wd["draft"])
-    nodes.append(helper.make_node("Cast", [logits], ["logits"], to=1))
-    nodes.append(helper.make_node("Cast", [draft], ["draft_logits"], to=1))
+    nodes.append(helper.make_node("Cast", [logits], ["logits"], to=FLOAT))
+    nodes.append(helper.make_node("Cast", [draft], ["draft_logits"], to=FLOAT))
     graph = helper.make_graph(
         nodes,
         f"probe_{variant}",
-        [helper.make_tensor_value_info("x", 1, ["rows", HIDDEN])],
+        [helper.make_tensor_value_info("x", FLOAT, ["rows", HIDDEN])],
         [
-            helper.make_tensor_value_info("logits", 1, ["rows", None]),
-            helper.make_tensor_value_info("draft_logits", 1, ["rows", DRAFT]),
+            helper.make_tensor_value_info("logits", FLOAT, ["rows", None]),
+            helper.make_tensor_value_info("draft_logits", FLOAT, ["rows", DRAFT]),
         ],
         initializer=inits,
     )
@@ -137,7 +140,7 @@ def build(ws, variant: str, dtype: str):
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     )
     model.ir_version = 10
-    return model, used, layers
+    return model, used
 
 
 def reference(x: np.ndarray, used: dict, layers: int) -> np.ndarray:
@@ -154,7 +157,7 @@ def reference(x: np.ndarray, used: dict, layers: int) -> np.ndarray:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--dtype", default="bf16", choices=list(ONNX_DTYPE))
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--rows", default="1,16,64")
     p.add_argument("--variants", default="fp,int4,int4all")
     p.add_argument("--layers", type=int, default=LAYERS)
@@ -172,15 +175,15 @@ def main() -> None:
     results = []
     for variant in a.variants.split(","):
         t0 = time.perf_counter()
-        model, used, layers = build(ws, variant, a.dtype)
+        model, used = build(ws, variant, a.dtype)
         blob = model.SerializeToString()
-        wbytes = sum(len(t.raw_data) or 0 for t in model.graph.initializer)
+        wbytes = sum(len(t.raw_data) for t in model.graph.initializer)
         print(
             f"[probe] {variant}: graph built in {time.perf_counter() - t0:.1f} s, weights {wbytes / 2**20:.0f} MiB",
             flush=True,
         )
         for m in rows:
-            x = (rng.standard_normal((m, HIDDEN), dtype=np.float32)).astype(np.float32)
+            x = rng.standard_normal((m, HIDDEN), dtype=np.float32)
             row = {"variant": variant, "dtype": a.dtype, "rows": m, "weight_mib": round(wbytes / 2**20, 1)}
             try:
                 so = ort.SessionOptions()
@@ -206,7 +209,7 @@ def main() -> None:
                 sess.run_with_iobinding(io)  # the capture run on CUDA
                 io.synchronize_outputs()
                 got = outs[0].numpy()
-                ref = reference(x, used, layers)
+                ref = reference(x, used, a.layers)
                 rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
                 row["rel_err_vs_float64"] = rel
                 row["argmax_agree"] = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
