@@ -4,6 +4,12 @@ Head k guesses the token k + 2 positions ahead. Checkpoints use the FasterDecodi
 folder with `config.json` (optional) and `medusa_lm_head.safetensors` or `medusa_lm_head.pt` holding the
 state dict of the heads `ModuleList`, keys `{h}.{l}.linear.weight|bias` and, for per-head projections,
 `{h}.{L}.weight`.
+
+Sequential (Hydra-style, Ankner et al. 2024) heads also read the token before their target: in a tree, the
+parent node's token (the base model's own next token for head 0). Head k's blocks then start from
+`h + prev_k(E[parent])`, with E the base model's token embedding and `prev.{k}.weight` [H, H] one more key in
+the same file (zero-initialised, so a fresh sequential head is a Medusa head); `config.json` says
+`"sequential": true`. Plain Medusa checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class MedusaHeads(nn.Module):
         num_heads: int,
         num_layers: int = 1,
         shared_lm_head: bool = True,
+        sequential: bool = False,
     ) -> None:
         super().__init__()
         sizes = {
@@ -76,6 +83,7 @@ class MedusaHeads(nn.Module):
             raise MedusaError(f"Medusa heads need positive integer sizes, got {', '.join(bad)}")
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.num_heads, self.num_layers, self.shared_lm_head = num_heads, num_layers, shared_lm_head
+        self.sequential = sequential
         self.heads = nn.ModuleList(
             nn.Sequential(
                 *[ResBlock(hidden_size) for _ in range(num_layers)],
@@ -83,22 +91,52 @@ class MedusaHeads(nn.Module):
             )
             for _ in range(num_heads)
         )
+        self.prev = nn.ModuleList(
+            nn.Linear(hidden_size, hidden_size, bias=False) for _ in range(num_heads if sequential else 0)
+        )
+        for proj in self.prev:
+            nn.init.zeros_(proj.weight)
 
-    def head_states(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Residual blocks of every head, no projection: [..., H] -> [K, ..., H]."""
+    def head_states(self, hidden: torch.Tensor, prev_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual blocks of every head, no projection: [..., H] -> [K, ..., H]. Sequential heads also take
+        `prev_embeds` [K, ..., H], the embedding of the token before each head's target."""
         if hidden.shape[-1] != self.hidden_size:
             raise MedusaError(
                 f"hidden state has size {hidden.shape[-1]}, Medusa heads expect {self.hidden_size}"
             )
-        return torch.stack([head[: self.num_layers](hidden) for head in self.heads])
+        inputs = [hidden] * self.num_heads
+        if self.sequential:
+            expected = (self.num_heads, *hidden.shape)
+            if prev_embeds is None or tuple(prev_embeds.shape) != expected:
+                got = None if prev_embeds is None else tuple(prev_embeds.shape)
+                raise MedusaError(
+                    "sequential (Hydra-style) heads draft from their parent's token: they need its "
+                    f"embedding, shape {expected}, got {got}"
+                )
+            inputs = [hidden + proj(e) for proj, e in zip(self.prev, prev_embeds, strict=True)]
+        return torch.stack([head[: self.num_layers](x) for head, x in zip(self.heads, inputs, strict=True)])
 
-    def logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The file's flat state dict: FasterDecoding keys, plus `prev.{k}.weight` for sequential heads."""
+        return {**self.heads.state_dict(), **{f"prev.{k}": v for k, v in self.prev.state_dict().items()}}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+        self.load_state_dict(
+            {k if k.startswith("prev.") else f"heads.{k}": v for k, v in state.items()}, assign=assign
+        )
+
+    def logits(
+        self,
+        hidden: torch.Tensor,
+        lm_head_weight: torch.Tensor | None = None,
+        prev_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Draft logits of every head: [..., H] -> [K, ..., V].
 
         Shared heads project with the base `lm_head_weight` [V, H] (one matmul over the stacked states);
         per-head projections use each head's own Linear and ignore `lm_head_weight`.
         """
-        states = self.head_states(hidden)  # [K, ..., H]
+        states = self.head_states(hidden, prev_embeds)  # [K, ..., H]
         if not self.shared_lm_head:
             return torch.stack(
                 [head[self.num_layers](state) for head, state in zip(self.heads, states, strict=True)]
@@ -111,9 +149,14 @@ class MedusaHeads(nn.Module):
             )
         return F.linear(states, lm_head_weight)
 
-    def forward(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        lm_head_weight: torch.Tensor | None = None,
+        prev_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Same as `logits`: [..., H] -> [K, ..., V]."""
-        return self.logits(hidden, lm_head_weight)
+        return self.logits(hidden, lm_head_weight, prev_embeds)
 
 
 def save_heads(
@@ -138,9 +181,10 @@ def save_heads(
         "hidden_size": heads.hidden_size,
         "vocab_size": heads.vocab_size,
         "shared_lm_head": heads.shared_lm_head,
+        **({"sequential": True} if heads.sequential else {}),
         **(extra_config or {}),
     }
-    state = {key: value.detach().cpu().contiguous() for key, value in heads.heads.state_dict().items()}
+    state = {key: value.detach().cpu().contiguous() for key, value in heads.checkpoint_state().items()}
     try:
         _write_checkpoint(folder, config, state, fmt)
     except OSError as error:
@@ -164,19 +208,19 @@ def load_heads(
         raise MedusaError(f"{folder} has no {' or '.join(WEIGHT_FILES.values())}")
     tensors = _read_tensors(weights)
     num_heads, num_layers, shared = _infer_layout(tensors, weights)
+    sequential = any(key.startswith("prev.") for key in tensors)
     _check_base_sizes(tensors, weights, hidden_size, vocab_size)
+    layout = {"medusa_num_heads": num_heads, "medusa_num_layers": num_layers, "shared_lm_head": shared}
     _check_config(
         _read_config(folder / CONFIG_FILE),
         folder / CONFIG_FILE,
-        tensors={"medusa_num_heads": num_heads, "medusa_num_layers": num_layers, "shared_lm_head": shared},
+        tensors={**layout, "sequential": sequential},
         base_model={"hidden_size": hidden_size, "vocab_size": vocab_size},
     )
     with torch.device("meta"):  # structure and expected shapes only; no allocation
-        heads = MedusaHeads(hidden_size, vocab_size, num_heads, num_layers, shared)
-    _check_keys_and_shapes(tensors, heads.heads.state_dict(), weights)
-    heads.heads.load_state_dict(
-        {key: value.to(dtype) for key, value in tensors.items()}, strict=True, assign=True
-    )
+        heads = MedusaHeads(hidden_size, vocab_size, num_heads, num_layers, shared, sequential)
+    _check_keys_and_shapes(tensors, heads.checkpoint_state(), weights)
+    heads.load_checkpoint_state({key: value.to(dtype) for key, value in tensors.items()}, assign=True)
     return heads
 
 
@@ -189,9 +233,10 @@ def random_heads(
     seed: int = 0,
     scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    sequential: bool = False,
 ) -> MedusaHeads:
     """Seeded heads, every parameter ~ N(0, (scale / sqrt(H))^2): varied, non-identity outputs for tests."""
-    heads = MedusaHeads(hidden_size, vocab_size, num_heads, num_layers, shared_lm_head)
+    heads = MedusaHeads(hidden_size, vocab_size, num_heads, num_layers, shared_lm_head, sequential)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in heads.parameters():
@@ -224,6 +269,16 @@ def check_finite(heads: MedusaHeads, spec: str) -> None:
     bad = [name for name, p in heads.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise MedusaError(f"Medusa heads {spec}: {len(bad)} tensor(s) hold NaN or Inf, first {bad[0]}")
+
+
+def check_parallel(heads: MedusaHeads, spec: str) -> None:
+    """Refuse sequential heads where drafts come from one top-k per head (export, the torch runtime)."""
+    if heads.sequential:
+        raise MedusaError(
+            f"Medusa heads {spec} are sequential (Hydra-style): each tree depth drafts from its parent's "
+            "token, which the exported graphs and the runtime do not do yet (scripts/simulate_acceptance.py "
+            "measures them)"
+        )
 
 
 def _write_checkpoint(

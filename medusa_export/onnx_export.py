@@ -87,7 +87,7 @@ def export_onnx(
 
     from .draft_vocab import draft_ids
     from .graph import MedusaGraph
-    from .heads import check_finite, heads_path, resolve_heads
+    from .heads import check_finite, check_parallel, heads_path, resolve_heads
     from .models import explicit_model, load_base
     from .models.source import torch_dtype_of
 
@@ -106,6 +106,7 @@ def export_onnx(
         cfg = decoder.cfg
         med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
         check_finite(med, heads)
+        check_parallel(med, heads)
         drafts = draft_ids(heads, draft_vocab, cfg.vocab_size)
     if plain_attention == "auto":  # GroupQueryAttention has CUDA kernels in bf16/fp16 only
         plain_attention = "gqa" if dtype != "fp32" and cfg.num_kv_heads == 1 else "matmul"

@@ -62,6 +62,7 @@ from .train_objective import (
     MAX_RANK,
     head_offsets,
     linear_cross_entropy,
+    previous_tokens,
     shifted_targets,
     target_ranks,
 )
@@ -84,6 +85,7 @@ class TrainSettings:
     num_heads: int = 4
     num_layers: int = 1
     shared_lm_head: bool = True
+    sequential: bool = False  # Hydra-style heads: each also reads the token before its target (heads.py)
     data: Path | None = None
     recipe: str = "seeds"  # seeds | passages (see train_recipe.py); without --data
     target_tokens: int = 0  # >0: about this many generated tokens (sets num_samples); 0: num_samples
@@ -130,6 +132,15 @@ class Scorer:
     softcap: float | None
     compute_dtype: torch.dtype
     remap: torch.Tensor | None = None  # [V]: full id -> draft-vocabulary index, IGNORE outside it
+    embed: torch.Tensor | None = None  # [V, C] the base token embedding, for sequential heads
+
+    def states(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Head states [K, B, T, C]; a sequential head k at position t reads tokens[t + 1 + k], the token
+        before its target (teacher forcing: in a tree it is the parent node's token on the accepted path)."""
+        if not self.heads.sequential:
+            return self.heads.head_states(hidden)
+        prev = previous_tokens(tokens, self.heads.num_heads)
+        return self.heads.head_states(hidden, self.embed[prev].to(hidden.dtype))
 
     def draft_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Targets as indices of the draft vocabulary (IGNORE where absent); unchanged without one."""
@@ -145,12 +156,12 @@ class Scorer:
         return self.heads.heads[k][self.heads.num_layers].weight
 
     def loss(
-        self, hidden: torch.Tensor, targets: torch.Tensor, head_decay: float
+        self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, head_decay: float
     ) -> tuple[torch.Tensor, int]:
         """The heads' weighted cross-entropy (see the module docstring) and the number of targets."""
         import torch
 
-        states = self.heads.head_states(hidden)  # [K, B, T, C]
+        states = self.states(hidden, tokens)  # [K, B, T, C]
         targets = self.draft_targets(targets)
         decay = [head_decay**k for k in range(self.heads.num_heads)]
         valid = targets != IGNORE  # [K, B, T]
@@ -180,12 +191,12 @@ class Scorer:
             )
         return loss, sum(counts)
 
-    def ranks(self, hidden: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    def ranks(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
         """Per head, the rank of the correct token at each target position (MAX_RANK: outside the draft
         vocabulary, so never proposed)."""
         import torch
 
-        states = self.heads.head_states(hidden)
+        states = self.states(hidden, tokens)
         drafted = self.draft_targets(targets)
         out = []
         for i in range(self.heads.num_heads):
@@ -216,7 +227,12 @@ def init_heads(decoder: ExplicitDecoder, settings: TrainSettings) -> MedusaHeads
 
     cfg = decoder.cfg
     heads = MedusaHeads(
-        cfg.hidden_size, cfg.vocab_size, settings.num_heads, settings.num_layers, settings.shared_lm_head
+        cfg.hidden_size,
+        cfg.vocab_size,
+        settings.num_heads,
+        settings.num_layers,
+        settings.shared_lm_head,
+        settings.sequential,
     )
     if not settings.shared_lm_head:
         with torch.no_grad():
@@ -229,7 +245,7 @@ def save_checkpoint(path: Path, heads, optimizer, step: int, losses: list[float]
     import torch
 
     state = {
-        "heads": heads.heads.state_dict(),
+        "heads": heads.checkpoint_state(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "losses": losses,
@@ -254,7 +270,7 @@ def load_checkpoint(path: Path, heads, optimizer, meta: dict) -> tuple[int, list
             f"--resume: {path} was trained with other settings ({', '.join(different)}: "
             f"{', '.join(f'{saved.get(k)!r} vs {meta[k]!r}' for k in different)})"
         )
-    heads.heads.load_state_dict(state["heads"])
+    heads.load_checkpoint_state(state["heads"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"]), [float(x) for x in state["losses"]]
 
@@ -282,6 +298,7 @@ def run_training(
         "num_heads": settings.num_heads,
         "num_layers": settings.num_layers,
         "shared_lm_head": settings.shared_lm_head,
+        **({"sequential": True} if settings.sequential else {}),  # older checkpoints lack the key
         "data": data.key,
         "seed": settings.seed,
         "batch_size": settings.batch_size,
@@ -313,7 +330,7 @@ def run_training(
             targets = shifted_targets(batch.tokens, batch.lengths, batch.starts, offsets)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, settings.lr, settings.warmup)
-            loss, count = scorer.loss(hidden, targets, settings.head_decay)
+            loss, count = scorer.loss(hidden, batch.tokens, targets, settings.head_decay)
             optimizer.zero_grad(set_to_none=True)
             if count:
                 loss.backward()
@@ -368,7 +385,7 @@ def evaluate(
         hidden = hidden_states(decoder, batch.tokens)
         targets = shifted_targets(batch.tokens, batch.lengths, batch.starts, head_offsets(k))
         with torch.no_grad():
-            for i, ranks in enumerate(scorer.ranks(hidden, targets)):
+            for i, ranks in enumerate(scorer.ranks(hidden, batch.tokens, targets)):
                 totals[i] += len(ranks)
                 counts[i] += torch.bincount(ranks.clamp(max=MAX_RANK), minlength=MAX_RANK + 1)[
                     :MAX_RANK
@@ -494,6 +511,7 @@ def train(settings: TrainSettings) -> TrainResult:
         decoder.cfg.final_logit_softcap if settings.shared_lm_head else None,
         lm_head.dtype,
         remap,
+        decoder.embed_weight().detach() if settings.sequential else None,
     )
     pad = base.pad_token_id
     step, losses, stats = run_training(decoder, scorer, data, train_idx, settings, device, pad)
@@ -584,6 +602,9 @@ def train_command(
     num_heads: Annotated[int, _opt("--num-heads", "K: head k predicts the token k+2 ahead")] = _D.num_heads,
     num_layers: Annotated[int, _opt("--num-layers", "residual blocks per head")] = _D.num_layers,
     shared_lm_head: _Shared = _D.shared_lm_head,
+    sequential: Annotated[
+        bool, _opt("--sequential", "Hydra-style heads: each also reads the token before its target")
+    ] = _D.sequential,
     data: _Data = None,
     recipe: Annotated[
         str, _opt("--recipe", "self-distillation prompts: seeds | passages (tasks on self-written passages)")
@@ -627,6 +648,7 @@ def train_command(
         num_heads=num_heads,
         num_layers=num_layers,
         shared_lm_head=shared_lm_head,
+        sequential=sequential,
         data=data,
         recipe=recipe,
         target_tokens=target_tokens,

@@ -43,6 +43,19 @@ def shifted_targets(
     return out
 
 
+def previous_tokens(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[K, B, T]: row k at position t is tokens[t + 1 + k], the token just before head k's target (what a
+    sequential head reads), or 0 past the end, where head k has no target either."""
+    import torch
+
+    t = tokens.shape[1]
+    out = torch.zeros((num_heads, *tokens.shape), dtype=torch.long, device=tokens.device)
+    for k in range(num_heads):
+        if k + 1 < t:
+            out[k, :, : t - 1 - k] = tokens[:, k + 1 :]
+    return out
+
+
 def head_offsets(num_heads: int) -> list[int]:
     """Head k predicts the token k + 2 positions after the one its hidden state has just read."""
     return [k + 2 for k in range(num_heads)]

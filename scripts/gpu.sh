@@ -3,7 +3,7 @@
 # staged onto it first (this workplace stages them as wheels; elsewhere: pip install -e ".[gpu]").
 # Run from the repo root on the GPU host after the staged wheels are installed into /tmp/site:
 #   bash scripts/gpu.sh SUBCOMMAND [options]; this round: train, prepare, gqa, validate-fp32, validate-lookup, step,
-#   speed, lookup, serve   (logs and results go to $OUT)
+#   speed, lookup, serve, simulate   (logs and results go to $OUT)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD:$PWD/runtime HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -108,5 +108,10 @@ print('CUDA EP options: use_tf32 =', rt.backend.session.get_provider_options()['
     python3 scripts/serve_load.py "$ART/gemma3-270m-bf16-step" --backend "${2:-ort-cuda-graph}" \
       --concurrency 1,4,16 --requests 8 --max-tokens 64 --max-workers 8 --long-tokens 1500 \
       --out "$OUT/serve-load.json" 2>&1 | tee "$OUT/serve-load.log" ;;
-  *) echo "usage: $0 train|export|validate|bench NAME|profile|prepare|gqa|validate-fp32 [N]|validate-lookup [L] [N]|step|speed|lookup [L] [PER_CATEGORY]|serve [BACKEND]" >&2; exit 2 ;;
+  simulate)  # HEADS (comma-separated names or folders): accepted tokens/step of each heads-only tree (its
+             # trees/$TREE.json) on the base model's greedy text, fp32, by category (scripts/simulate_acceptance.py);
+             # the heads draft from the DRAFT most frequent tokens, as `prepare` exports them
+    python3 scripts/simulate_acceptance.py "${2:-gemma3-270m-medusa}" --prompts "$PROMPTS" --tree "$TREE" \
+      --draft-vocab "${DRAFT:-8192}" --device cuda --batch 64 --out "$OUT/simulate.json" 2>&1 | tee "$OUT/simulate.log" ;;
+  *) echo "usage: $0 train|export|validate|bench NAME|profile|prepare|gqa|validate-fp32 [N]|validate-lookup [L] [N]|step|speed|lookup [L] [PER_CATEGORY]|serve [BACKEND]|simulate HEADS" >&2; exit 2 ;;
 esac

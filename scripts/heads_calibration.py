@@ -21,54 +21,15 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from medusa_export.heads import resolve_heads
 from medusa_export.models import explicit_model, load_base
+from medusa_export.prompts import read_prompts
 from medusa_export.reference import hf_greedy
-from medusa_export.train_data import hidden_states
+from medusa_export.simulate import accepted_at, true_ranks
 from medusa_runtime.tree import expected_accept_length, load_choices
 
 RANKS, NEW_TOKENS = 10, 64
-
-
-def first_per_category(path: str, per_category: int) -> list[tuple[str, str]]:
-    """(category, first turn) of the first `per_category` prompts of each category (0: all)."""
-    seen: dict[str, int] = {}
-    prompts = []
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            category = row.get("category", "")
-            if not per_category or seen.get(category, 0) < per_category:
-                seen[category] = seen.get(category, 0) + 1
-                prompts.append((category, row.get("prompt") or row["turns"][0]))
-    return prompts
-
-
-def true_ranks(heads, decoder, prompt_ids: list[int], continuation: list[int]) -> np.ndarray:
-    """[positions, K]: at each continuation position t, the rank of token t+k+2 in head k's logits."""
-    seq = torch.tensor([prompt_ids + continuation])
-    hidden = hidden_states(decoder, seq)[0]
-    weight = decoder.lm_head_weight()
-    k = heads.num_heads
-    ranks = []
-    with torch.no_grad():
-        for t in range(len(prompt_ids) - 1, seq.shape[1] - k - 1):
-            logits = heads.head_states(hidden[t : t + 1])[:, 0] @ weight.T  # [K, V]
-            true = seq[0, t + 2 : t + 2 + k]
-            ranks.append((logits > logits.gather(1, true[:, None])).sum(1).numpy())
-    return np.array(ranks).reshape(-1, k)
-
-
-def simulated_accept(ranks: np.ndarray, choices) -> list[int]:
-    """Per position: 1 + the deepest tree path whose every rank matches the true token's."""
-    return [
-        1 + max((len(p) for p in choices if all(r[j] == p[j] for j in range(len(p)))), default=0)
-        for r in ranks
-    ]
 
 
 def rank_accuracy(ranks: np.ndarray, weights: np.ndarray) -> list[list[float]]:
@@ -98,7 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     base = load_base("gemma3-270m", "fp32")
     decoder = explicit_model(base)
-    prompts = first_per_category(args.prompts, args.per_category)
+    prompts = [
+        (r["category"], r["prompt"]) for r in read_prompts(Path(args.prompts), per_category=args.per_category)
+    ]
     continuations = []
     for _, prompt in prompts:
         ids = base.tokenizer.encode(prompt).ids
@@ -108,9 +71,9 @@ def main() -> None:
         _, choices = load_choices(f"heads/{heads_name}/trees/gemma3-270m-64.json")
         all_ranks, simulated, categories = [], [], []
         for (category, _), (ids, new) in zip(prompts, continuations, strict=True):
-            ranks = true_ranks(heads, decoder, ids, new)
+            ranks = true_ranks(decoder, heads, ids, new)[: -heads.num_heads]  # positions with every target
             all_ranks.append(ranks)
-            simulated += simulated_accept(ranks, choices)
+            simulated += (1 + accepted_at(ranks, choices)).tolist()
             categories += [category] * len(ranks)
         ranks = np.concatenate(all_ranks)
         per_cat = Counter(categories)

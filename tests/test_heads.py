@@ -390,3 +390,23 @@ def test_shipped_heads_load_by_name_with_their_trees(name: str) -> None:
         assert build_tree(choices, heads.num_heads).num_nodes == n  # the root included
         expected.append(expected_accept_length(choices, accuracy["rank_accuracy"]))
     assert expected == sorted(expected) and expected[0] > 1.0  # bigger trees are predicted to accept more
+
+
+def test_sequential_heads_round_trip_and_need_the_parent_token(tmp_path: Path) -> None:
+    heads = random_heads(K, H, V, L, seed=7, sequential=True)
+    folder = save_heads(heads, tmp_path / "out", "org/base")
+    assert json.loads((folder / "config.json").read_text())["sequential"] is True
+    loaded = load_heads(folder, H, V)
+    assert loaded.sequential and set(loaded.checkpoint_state()) == set(heads.checkpoint_state())
+    hidden, prev = _hidden(2, 5), torch.randn(K, 2, 5, H)
+    assert torch.equal(loaded.logits(hidden, _lm_head(), prev), heads.logits(hidden, _lm_head(), prev))
+    assert not torch.allclose(
+        heads.logits(hidden, _lm_head(), prev), heads.logits(hidden, _lm_head(), 0 * prev)
+    )
+    with pytest.raises(MedusaError, match="parent's token"):
+        heads.logits(hidden, _lm_head())
+    fresh = MedusaHeads(H, V, K, L, sequential=True)  # zero projections: a Medusa head
+    assert torch.equal(fresh.head_states(hidden, prev), MedusaHeads(H, V, K, L).head_states(hidden))
+    _edit_config(folder, sequential=False)
+    with pytest.raises(MedusaError, match="sequential"):
+        load_heads(folder, H, V)

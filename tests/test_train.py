@@ -274,3 +274,31 @@ def test_bad_input_is_a_medusa_error(tmp_path, change, message):
         setattr(settings, key, value)
     with pytest.raises(MedusaError, match=message):
         tr.train(settings)
+
+
+def test_sequential_heads_use_the_token_before_their_target(tmp_path):
+    """Text of pairs `qQ` with random letters: at an upper-case letter the next letter is random and the one
+    after is its upper case. Head 0 (token t+2) can know that only from token t+1, which a sequential head
+    reads and a Medusa head does not. Sequential heads save with their extra key and export refuses them."""
+    import random
+
+    from medusa_export.onnx_export import export_onnx
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    docs = ["".join(c + c.upper() for c in rng.choices(letters, k=60)) for _ in range(40)]
+    data = tmp_path / "pairs.txt"
+    data.write_text("\n\n".join(docs))
+    top1 = {}
+    for sequential in (False, True):
+        out = tmp_path / f"heads-{sequential}"
+        settings = _settings(
+            out, data=data, epochs=12, lr=1e-2, seq_len=64, num_heads=2, sequential=sequential
+        )
+        top1[sequential] = tr.train(settings).accuracy["top1"][0]
+    assert top1[True] > 0.4 > 0.15 > top1[False], top1  # about half the positions vs 1/26
+    heads = load_heads(tmp_path / "heads-True", 64, 320)
+    assert heads.sequential and heads.prev[0].weight.abs().sum() > 0
+    assert json.loads((tmp_path / "heads-True" / "config.json").read_text())["sequential"] is True
+    with pytest.raises(MedusaError, match="sequential"):
+        export_onnx("tiny-llama", str(tmp_path / "heads-True"), tmp_path / "art", quiet=True)

@@ -165,6 +165,10 @@ class ExplicitDecoder(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:  # [V, C]
         """The (possibly tied) vocabulary projection."""
 
+    def embed_weight(self) -> torch.Tensor:  # [V, C]
+        """The input token embedding table, before any family scaling (what sequential heads read)."""
+        return self.hf.model.embed_tokens.weight
+
     def project(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits of final-normed hidden states, with the family's logit soft-capping."""
         logits = torch.matmul(hidden, (self.lm_head_weight() if weight is None else weight).t())

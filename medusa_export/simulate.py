@@ -1,0 +1,142 @@
+"""Acceptance of heads + tree, measured on the base model's greedy text without running the draft-verify loop.
+
+Greedy decoding's output depends on the base model alone. So on a prompt's greedy continuation g, the
+step at position t (the root token g[t+1] known) accepts the deepest tree path (r_0, ..., r_d) such that at
+every depth i the true token g[t+2+i] has rank r_i in head i's draft logits at t; a sequential (Hydra-style)
+head i reads g[t+1+i], which is the parent's token on exactly that path. The loop then moves to
+t + 1 + accepted, as the runtime does, and cuts the last step at EOS or the token budget.
+
+For Medusa heads this gives the runtime's own steps (`tests/test_gemma.py` checks them step for step against
+the PyTorch runtime); for sequential heads, which the exported graphs cannot run yet, it is how they are
+measured (`scripts/simulate_acceptance.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .train_objective import MAX_RANK, target_ranks
+
+if TYPE_CHECKING:
+    import torch
+
+    from .heads import MedusaHeads
+    from .models.common import ExplicitDecoder
+
+
+@dataclass
+class Simulated:
+    category: str
+    prompt_tokens: int
+    steps: list[int]  # tokens emitted by each verify step (accepted candidates + the base model's token)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per verify step, as `Result.mean_accepted` counts them."""
+        return sum(self.steps) / len(self.steps) if self.steps else 0.0
+
+
+def greedy_continuations(
+    base, prompts: list[list[int]], max_new_tokens: int, device, batch: int = 1
+) -> list[list[int]]:
+    """The base model's greedy continuation of each prompt (cut after EOS), `batch` prompts of similar
+    length at a time (left-padded; 1: unpadded, as `reference.hf_greedy`)."""
+    from .train_data import GenJob, generate_batch
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch):
+        rows = order[start : start + batch]
+        jobs = [GenJob(i, None, None) for i in rows]
+        new = generate_batch(base, [prompts[i] for i in rows], jobs, max_new_tokens, device)
+        for i, tokens in zip(rows, new, strict=True):
+            out[i] = tokens
+    return out
+
+
+def true_ranks(
+    decoder: ExplicitDecoder,
+    heads: MedusaHeads,
+    prompt: Sequence[int],
+    continuation: Sequence[int],
+    draft_ids: torch.Tensor | None = None,
+) -> np.ndarray:
+    """[positions, K]: for each step position t = len(prompt) - 1 ... len(seq) - 2, the rank of g[t+2+k] in
+    head k's logits at t (over `draft_ids` when given; MAX_RANK outside them and past the text's end)."""
+    import torch
+
+    from .train_data import hidden_states
+
+    seq = torch.tensor([[*prompt, *continuation]], device=decoder.lm_head_weight().device)
+    n, k, first = seq.shape[1], heads.num_heads, len(prompt) - 1
+    positions = max(n - 1 - first, 0)
+    if not positions:
+        return np.zeros((0, k), dtype=np.int64)
+    hidden = hidden_states(decoder, seq)[0, first : n - 1]  # [P, C]
+    pad = torch.zeros(k + 2, dtype=torch.long, device=seq.device)
+    padded = torch.cat([seq[0], pad])
+    index = torch.arange(first, n - 1, device=seq.device)
+    targets = torch.stack([padded[index + 2 + j] for j in range(k)])  # [K, P]
+    known = torch.stack([index + 2 + j < n for j in range(k)])
+    weight = decoder.lm_head_weight().float()
+    if draft_ids is not None:  # rank among the draft vocabulary only, as the exported heads do
+        draft_ids = draft_ids.to(seq.device)
+        remap = torch.full((weight.shape[0],), -1, dtype=torch.long, device=seq.device)
+        remap[draft_ids] = torch.arange(len(draft_ids), device=seq.device)
+        targets, weight = remap[targets], weight[draft_ids]
+        known &= targets >= 0
+    with torch.no_grad():
+        if heads.sequential:
+            prev = torch.stack([padded[index + 1 + j] for j in range(k)])  # the parent's token
+            states = heads.head_states(hidden, decoder.embed_weight().float()[prev])
+        else:
+            states = heads.head_states(hidden)
+        ranks = torch.full((k, positions), MAX_RANK, dtype=torch.long, device=seq.device)
+        for j in range(k):
+            ranks[j, known[j]] = target_ranks(states[j][known[j]], weight, targets[j][known[j]])
+    return ranks.T.cpu().numpy()
+
+
+def accepted_at(ranks: np.ndarray, choices: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per position, the candidates the tree accepts: the deepest path whose ranks are all the true ones."""
+    paths = {tuple(p) for p in choices}
+    depth = max((len(p) for p in paths), default=0)
+    out = np.zeros(len(ranks), dtype=np.int64)
+    for i, row in enumerate(ranks):
+        d = 0
+        while d < depth and tuple(int(r) for r in row[: d + 1]) in paths:
+            d += 1
+        out[i] = d
+    return out
+
+
+def walk(accepted: np.ndarray, new_tokens: int) -> list[int]:
+    """Tokens emitted by each verify step over a continuation of `new_tokens` tokens: the prefill gives the
+    first, a step at offset i (i tokens after the prefill's position) emits accepted[i] + 1, cut at the end."""
+    steps, i = [], 0
+    while i + 1 < new_tokens:
+        emitted = min(int(accepted[i]) + 1, new_tokens - 1 - i)
+        steps.append(emitted)
+        i += emitted
+    return steps
+
+
+def simulate(
+    decoder: ExplicitDecoder,
+    heads: MedusaHeads,
+    choices: Sequence[Sequence[int]],
+    prompts: list[list[int]],
+    continuations: list[list[int]],
+    categories: list[str],
+    draft_ids: torch.Tensor | None = None,
+) -> list[Simulated]:
+    """Each prompt's simulated verify steps (see the module docstring)."""
+    out = []
+    for prompt, new, category in zip(prompts, continuations, categories, strict=True):
+        ranks = true_ranks(decoder, heads, prompt, new, draft_ids)
+        out.append(Simulated(category, len(prompt), walk(accepted_at(ranks, choices), len(new))))
+    return out
