@@ -11,6 +11,7 @@ as one CUDA block per row in ONNX Runtime.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .heads import MedusaHeads
@@ -87,13 +88,41 @@ class MedusaGraph(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Base logits [B, R, V] and Medusa logits [K, B, R, V] (or [K, B, R, N] on a draft vocabulary), float32."""
+        if self.heads.sequential:
+            logits = self.decoder.project(hidden).float()
+            return logits, self.draft_logits(hidden, torch.argmax(logits, dim=-1))
         states = self.heads.head_states(hidden)  # [K, B, R, C]
-        if self.draft_ids is not None:
-            k, b, r, c = states.shape
-            flat = states.reshape(k if self.draft_weight.shape[0] > 1 else 1, -1, c)  # [K|1, K*B*R / ., C]
-            medusa = torch.matmul(flat, self.draft_weight.transpose(1, 2)).reshape(k, b, r, -1)
-            return self.decoder.project(hidden).float(), medusa.float()
-        if self.heads.shared_lm_head:
+        if self.draft_ids is None and self.heads.shared_lm_head:
             both = self.decoder.project(torch.cat((hidden[None], states), dim=0)).float()  # one matmul
             return both[0], both[1:]
-        return self.decoder.project(hidden).float(), self.heads.logits(hidden).float()
+        return self.decoder.project(hidden).float(), self._project_heads(states)
+
+    def draft_logits(self, hidden: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+        """The heads' logits [K, ..., V or N] (float32) at final-normed rows [..., C] whose next token is `root`
+        [...]. Sequential heads draft along the top-1 chain: head 0 reads the root, head k the top-1 token of
+        head k-1 at the same row; the runtime's per-depth top-k is then exact for the rank-0 path and a guess
+        conditioned on it elsewhere (verification keeps the output exact either way)."""
+        if not self.heads.sequential:
+            return self._project_heads(self.heads.head_states(hidden))
+        embed, prev, out = self.decoder.embed_weight(), root, []
+        for k in range(self.heads.num_heads):
+            state = self.heads.head_state(
+                k, hidden, F.embedding(prev, embed)
+            )  # a Gather, as int4 export expects
+            out.append(self._project_heads(state[None], k)[0])
+            top = torch.argmax(out[-1], dim=-1)  # the first of tied maxima, as topk_ids ranks them
+            prev = top if self.draft_ids is None else self.draft_ids[top]
+        return torch.stack(out)
+
+    def _project_heads(self, states: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Head states [K', ..., C] of heads first .. first + K' - 1 -> their logits [K', ..., V or N], float32."""
+        k, shape = states.shape[0], states.shape[:-1]
+        if self.draft_ids is not None:
+            shared = self.draft_weight.shape[0] == 1
+            weight = self.draft_weight if shared else self.draft_weight[first : first + k]
+            flat = states.reshape(1 if shared else k, -1, states.shape[-1])  # [K'|1, rows, C]
+            return torch.matmul(flat, weight.transpose(1, 2)).reshape(*shape, -1).float()
+        if self.heads.shared_lm_head:
+            return self.decoder.project(states).float()
+        layers = self.heads.num_layers
+        return torch.stack([self.heads.heads[first + i][layers](x) for i, x in enumerate(states)]).float()

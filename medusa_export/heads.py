@@ -5,10 +5,10 @@ folder with `config.json` (optional) and `medusa_lm_head.safetensors` or `medusa
 state dict of the heads `ModuleList`, keys `{h}.{l}.linear.weight|bias` and, for per-head projections,
 `{h}.{L}.weight`.
 
-Sequential (Hydra-style, Ankner et al. 2024) heads also read the token before their target: in a tree, the
-parent node's token (the base model's own next token for head 0). Head k's blocks then start from
-`h + prev_k(E[parent])`, with E the base model's token embedding and `prev.{k}.weight` [H, H] one more key in
-the same file (zero-initialised, so a fresh sequential head is a Medusa head); `config.json` says
+Sequential (Hydra-style, Ankner et al. 2024) heads also read the token before their target (trained on the
+true one; graph.py drafts with the previous head's top-1, the root for head 0). Head k's blocks then start
+from `h + prev_k(E[token])`, with E the base model's token embedding and `prev.{k}.weight` [H, H] one more key
+in the same file (zero-initialised, so a fresh sequential head is a Medusa head); `config.json` says
 `"sequential": true`. Plain Medusa checkpoints are unchanged.
 """
 
@@ -35,6 +35,7 @@ WEIGHT_FILES = {"safetensors": "medusa_lm_head.safetensors", "pt": "medusa_lm_he
 _KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")  # head, index, parameter
 _RANDOM_SPEC = re.compile(r"random:([1-9]\d*)(?::([1-9]\d*))?")
 SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"  # trained heads shipped with the repo
+DEFAULT_HEADS = "gemma3-270m-medusa"  # the Makefile's; its trees win where shipped heads share a tree name
 
 
 def heads_path(spec: str) -> str:
@@ -100,21 +101,26 @@ class MedusaHeads(nn.Module):
     def head_states(self, hidden: torch.Tensor, prev_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Residual blocks of every head, no projection: [..., H] -> [K, ..., H]. Sequential heads also take
         `prev_embeds` [K, ..., H], the embedding of the token before each head's target."""
+        prev = [None] * self.num_heads if prev_embeds is None or not self.sequential else prev_embeds
+        return torch.stack([self.head_state(k, hidden, prev[k]) for k in range(self.num_heads)])
+
+    def head_state(
+        self, k: int, hidden: torch.Tensor, prev_embed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Head k's residual blocks: [..., H] -> [..., H]; a sequential head adds prev_k(`prev_embed`) first."""
         if hidden.shape[-1] != self.hidden_size:
             raise MedusaError(
                 f"hidden state has size {hidden.shape[-1]}, Medusa heads expect {self.hidden_size}"
             )
-        inputs = [hidden] * self.num_heads
         if self.sequential:
-            expected = (self.num_heads, *hidden.shape)
-            if prev_embeds is None or tuple(prev_embeds.shape) != expected:
-                got = None if prev_embeds is None else tuple(prev_embeds.shape)
+            if prev_embed is None or prev_embed.shape != hidden.shape:
+                got = None if prev_embed is None else tuple(prev_embed.shape)
                 raise MedusaError(
                     "sequential (Hydra-style) heads draft from their parent's token: they need its "
-                    f"embedding, shape {expected}, got {got}"
+                    f"embedding, shape {tuple(hidden.shape)}, got {got}"
                 )
-            inputs = [hidden + proj(e) for proj, e in zip(self.prev, prev_embeds, strict=True)]
-        return torch.stack([head[: self.num_layers](x) for head, x in zip(self.heads, inputs, strict=True)])
+            hidden = hidden + self.prev[k](prev_embed)
+        return self.heads[k][: self.num_layers](hidden)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The file's flat state dict: FasterDecoding keys, plus `prev.{k}.weight` for sequential heads."""
@@ -269,16 +275,6 @@ def check_finite(heads: MedusaHeads, spec: str) -> None:
     bad = [name for name, p in heads.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise MedusaError(f"Medusa heads {spec}: {len(bad)} tensor(s) hold NaN or Inf, first {bad[0]}")
-
-
-def check_parallel(heads: MedusaHeads, spec: str) -> None:
-    """Refuse sequential heads where drafts come from one top-k per head (export, the torch runtime)."""
-    if heads.sequential:
-        raise MedusaError(
-            f"Medusa heads {spec} are sequential (Hydra-style): each tree depth drafts from its parent's "
-            "token, which the exported graphs and the runtime do not do yet (scripts/simulate_acceptance.py "
-            "measures them)"
-        )
 
 
 def _write_checkpoint(

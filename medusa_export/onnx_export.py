@@ -50,10 +50,13 @@ HEADS_TREES = "trees"  # a heads folder's own presets, built from its accuracy.j
 
 def tree_dirs(heads: str | None = None) -> list[Path]:
     """Where tree presets are looked up: the heads' own trees first, then configs/trees. Without heads,
-    every shipped heads folder's trees (for `medusa-export tree NAME`)."""
-    from .heads import SHIPPED_HEADS, heads_path
+    every shipped heads folder's trees (for `medusa-export tree NAME`), the default heads' first."""
+    from .heads import DEFAULT_HEADS, SHIPPED_HEADS, heads_path
 
-    own = [Path(heads_path(heads)) / HEADS_TREES] if heads else sorted(SHIPPED_HEADS.glob(f"*/{HEADS_TREES}"))
+    shipped = sorted(
+        SHIPPED_HEADS.glob(f"*/{HEADS_TREES}"), key=lambda d: (d.parent.name != DEFAULT_HEADS, d)
+    )
+    own = [Path(heads_path(heads)) / HEADS_TREES] if heads else shipped
     return [d for d in own if d.is_dir()] + [TREE_DIR]
 
 
@@ -87,7 +90,7 @@ def export_onnx(
 
     from .draft_vocab import draft_ids
     from .graph import MedusaGraph
-    from .heads import check_finite, check_parallel, heads_path, resolve_heads
+    from .heads import check_finite, heads_path, resolve_heads
     from .models import explicit_model, load_base
     from .models.source import torch_dtype_of
 
@@ -106,7 +109,6 @@ def export_onnx(
         cfg = decoder.cfg
         med = resolve_heads(heads, cfg.hidden_size, cfg.vocab_size, dtype=torch_dtype_of(dtype)).eval()
         check_finite(med, heads)
-        check_parallel(med, heads)
         drafts = draft_ids(heads, draft_vocab, cfg.vocab_size)
     if plain_attention == "auto":  # GroupQueryAttention has CUDA kernels in bf16/fp16 only
         plain_attention = "gqa" if dtype != "fp32" and cfg.num_kv_heads == 1 else "matmul"

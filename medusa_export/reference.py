@@ -72,11 +72,9 @@ def torch_runtime(
     """The PyTorch Medusa decoder: explicit forward + heads (on a draft vocabulary when `draft_ids` is given,
     as the exported graph is), run eagerly, driven by the runtime's loop."""
     from .graph import MedusaGraph
-    from .heads import check_parallel
     from .models import explicit_model
     from .torch_backend import TorchBackend
 
-    check_parallel(heads, "given")
     decoder = explicit_model(base).to(device)
     if tree:
         name, buffers = resolve_tree(tree, search_dirs=tree_dirs(), num_heads=heads.num_heads, lookup=lookup)

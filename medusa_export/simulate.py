@@ -2,13 +2,16 @@
 
 Greedy decoding's output depends on the base model alone. So on a prompt's greedy continuation g, the
 step at position t (the root token g[t+1] known) accepts the deepest tree path (r_0, ..., r_d) such that at
-every depth i the true token g[t+2+i] has rank r_i in head i's draft logits at t; a sequential (Hydra-style)
-head i reads g[t+1+i], which is the parent's token on exactly that path. The loop then moves to
+every depth i the true token g[t+2+i] has rank r_i in head i's draft logits at t. The loop then moves to
 t + 1 + accepted, as the runtime does, and cuts the last step at EOS or the token budget.
 
-For Medusa heads this gives the runtime's own steps (`tests/test_gemma.py` checks them step for step against
-the PyTorch runtime); for sequential heads, which the exported graphs cannot run yet, it is how they are
-measured (`scripts/simulate_acceptance.py`).
+A sequential (Hydra-style) head i reads a token before its target. As the runtime drafts (graph.py,
+`parents="chain"`), that is the top-1 token of head i-1 (head 0: the root), so one top-k per depth serves
+the whole tree. `parents="path"` gives each head the true g[t+1+i] instead: what drafting every node from
+its own parent's token would accept, the bound for a runtime that did.
+
+The result is the runtime's own steps: `tests/test_gemma.py` checks them step for step against the PyTorch
+runtime, Medusa and sequential heads.
 """
 
 from __future__ import annotations
@@ -64,9 +67,11 @@ def true_ranks(
     prompt: Sequence[int],
     continuation: Sequence[int],
     draft_ids: torch.Tensor | None = None,
+    parents: str = "chain",
 ) -> np.ndarray:
     """[positions, K]: for each step position t = len(prompt) - 1 ... len(seq) - 2, the rank of g[t+2+k] in
-    head k's logits at t (over `draft_ids` when given; MAX_RANK outside them and past the text's end)."""
+    head k's logits at t (over `draft_ids` when given; MAX_RANK outside them and past the text's end).
+    `parents`: which token a sequential head reads (module docstring)."""
     import torch
 
     from .train_data import hidden_states
@@ -89,15 +94,20 @@ def true_ranks(
         remap[draft_ids] = torch.arange(len(draft_ids), device=seq.device)
         targets, weight = remap[targets], weight[draft_ids]
         known &= targets >= 0
+    if parents not in ("chain", "path"):
+        raise ValueError(f"parents must be chain or path, got {parents!r}")
+    embed = decoder.embed_weight().float()
+    ranks = torch.full((k, positions), MAX_RANK, dtype=torch.long, device=seq.device)
+    prev = padded[index + 1]  # the root
     with torch.no_grad():
-        if heads.sequential:
-            prev = torch.stack([padded[index + 1 + j] for j in range(k)])  # the parent's token
-            states = heads.head_states(hidden, decoder.embed_weight().float()[prev])
-        else:
-            states = heads.head_states(hidden)
-        ranks = torch.full((k, positions), MAX_RANK, dtype=torch.long, device=seq.device)
         for j in range(k):
-            ranks[j, known[j]] = target_ranks(states[j][known[j]], weight, targets[j][known[j]])
+            if heads.sequential and parents == "path":
+                prev = padded[index + 1 + j]  # the true token before the target
+            state = heads.head_state(j, hidden, embed[prev] if heads.sequential else None)
+            ranks[j, known[j]] = target_ranks(state[known[j]], weight, targets[j][known[j]])
+            if heads.sequential and parents == "chain":
+                top = torch.argmax(state @ weight.T, dim=-1)  # the chain's next token
+                prev = top if draft_ids is None else draft_ids[top]
     return ranks.T.cpu().numpy()
 
 
@@ -133,10 +143,11 @@ def simulate(
     continuations: list[list[int]],
     categories: list[str],
     draft_ids: torch.Tensor | None = None,
+    parents: str = "chain",
 ) -> list[Simulated]:
     """Each prompt's simulated verify steps (see the module docstring)."""
     out = []
     for prompt, new, category in zip(prompts, continuations, categories, strict=True):
-        ranks = true_ranks(decoder, heads, prompt, new, draft_ids)
+        ranks = true_ranks(decoder, heads, prompt, new, draft_ids, parents)
         out.append(Simulated(category, len(prompt), walk(accepted_at(ranks, choices), len(new))))
     return out

@@ -304,19 +304,11 @@ class StepGraph(nn.Module):
         return (torch.zeros_like(tree_indices) + root, length + 1, result, *updated)
 
     # -- the draft of the next tree at one row ----------------------------------------------------------
-    def _draft(self, hidden_row: torch.Tensor) -> torch.Tensor:
-        """The heads' top-k token ids [K, topk] at one final-normed hidden row [1, C]."""
+    def _draft(self, hidden_row: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+        """The heads' top-k token ids [K, topk] at one final-normed hidden row [1, C] whose next token is
+        `root` [1]."""
         g = self.medusa
-        states = g.heads.head_states(hidden_row)  # [K, 1, C]
-        if g.draft_ids is not None:
-            k, _, c = states.shape
-            flat = states.reshape(k if g.draft_weight.shape[0] > 1 else 1, -1, c)
-            medusa = torch.matmul(flat, g.draft_weight.transpose(1, 2)).reshape(k, -1)
-        elif g.heads.shared_lm_head:
-            medusa = g.decoder.project(states[:, 0])
-        else:
-            medusa = g.heads.logits(hidden_row)[:, 0]
-        top = topk_ids(medusa.float(), g.topk)  # [K, topk]
+        top = topk_ids(g.draft_logits(hidden_row, root)[:, 0], g.topk)  # [K, topk]
         return g.draft_ids[top] if g.draft_ids is not None else top
 
     def forward(self, tokens, length, depth, ancestors, retrieve, tree_indices, *caches):
@@ -368,7 +360,7 @@ class StepGraph(nn.Module):
 
         if not self.draft:  # the plain-decoding variant: no heads, every node (the one root) gets the root
             return (torch.zeros_like(tree_indices) + root, length + count, result, *updated)
-        draft = self._draft(hidden[0].index_select(0, last))  # [K, topk]
+        draft = self._draft(hidden[0].index_select(0, last), root)  # [K, topk]
         nxt = torch.cat((root, draft.reshape(-1)))[tree_indices]
         return (nxt, length + count, result, *updated)
 

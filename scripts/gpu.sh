@@ -108,10 +108,12 @@ print('CUDA EP options: use_tf32 =', rt.backend.session.get_provider_options()['
     python3 scripts/serve_load.py "$ART/gemma3-270m-bf16-step" --backend "${2:-ort-cuda-graph}" \
       --concurrency 1,4,16 --requests 8 --max-tokens 64 --max-workers 8 --long-tokens 1500 \
       --out "$OUT/serve-load.json" 2>&1 | tee "$OUT/serve-load.log" ;;
-  simulate)  # HEADS (comma-separated names or folders): accepted tokens/step of each heads-only tree (its
-             # trees/$TREE.json) on the base model's greedy text, fp32, by category (scripts/simulate_acceptance.py);
-             # the heads draft from the DRAFT most frequent tokens, as `prepare` exports them
+  simulate)  # HEADS (comma-separated names or folders) [options]: accepted tokens/step of each heads-only tree
+             # (its trees/$TREE.json) on the base model's greedy text, fp32, by category
+             # (scripts/simulate_acceptance.py); the heads draft from the DRAFT most frequent tokens, as `prepare`
+             # exports them
     python3 scripts/simulate_acceptance.py "${2:-gemma3-270m-medusa}" --prompts "$PROMPTS" --tree "$TREE" \
-      --draft-vocab "${DRAFT:-8192}" --device cuda --batch 64 --out "$OUT/simulate.json" 2>&1 | tee "$OUT/simulate.log" ;;
+      --draft-vocab "${DRAFT:-8192}" --device cuda --batch 64 --out "$OUT/simulate.json" "${@:3}" 2>&1 \
+      | tee "$OUT/simulate.log" ;;
   *) echo "usage: $0 train|export|validate|bench NAME|profile|prepare|gqa|validate-fp32 [N]|validate-lookup [L] [N]|step|speed|lookup [L] [PER_CATEGORY]|serve [BACKEND]|simulate HEADS" >&2; exit 2 ;;
 esac

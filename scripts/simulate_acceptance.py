@@ -5,7 +5,7 @@ sequential (Hydra-style) heads, which the exported graphs cannot run yet, are me
 
     python scripts/simulate_acceptance.py HEADS[,HEADS...] --prompts data/specbench_dev.jsonl \
         [--per-category N] [--max-new-tokens 64] [--tree gemma3-270m-64] [--draft-vocab 8192] \
-        [--device cuda] [--batch 64] [--out result.json]
+        [--parents chain|path] [--device cuda] [--batch 64] [--out result.json]
 
 HEADS: shipped names or folders. The tree is HEADS/trees/TREE.json when there is one, else a preset or file.
 """
@@ -47,6 +47,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree", default="gemma3-270m-64")
     parser.add_argument("--draft-vocab", type=int, default=0, help="0: what the heads were trained on")
+    parser.add_argument(
+        "--parents",
+        choices=("chain", "path"),
+        default="chain",
+        help="the token a sequential head reads: the previous head's top-1 (as the runtime drafts) or the "
+        "true one (drafting each node from its own parent)",
+    )
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=1, help="prompts per greedy generation batch")
@@ -73,7 +80,7 @@ def main() -> None:
         heads = resolve_heads(spec, cfg.hidden_size, cfg.vocab_size).to(args.device).eval()
         choices = tree_choices(spec, args.tree, heads.num_heads)
         drafts = draft_ids(spec, args.draft_vocab, cfg.vocab_size)
-        sims = simulate(decoder, heads, choices, prompts, continuations, categories, drafts)
+        sims = simulate(decoder, heads, choices, prompts, continuations, categories, drafts, args.parents)
         by_cat: dict[str, list[float]] = defaultdict(list)
         for s in sims:
             by_cat[s.category].append(s.mean_accepted)
@@ -85,6 +92,7 @@ def main() -> None:
             "nodes": len(choices) + 1,
             "draft_vocab": 0 if drafts is None else len(drafts),
             "sequential": heads.sequential,
+            "parents": args.parents if heads.sequential else None,
             "num_layers": heads.num_layers,
             "held_out_top1": held_out.get("top1"),
             "held_out_top5": held_out.get("top5"),

@@ -26,26 +26,29 @@ def test_gemma_medusa_greedy_equals_base_greedy_with_oracle_heads(gemma, specben
     assert mean > 2.0, mean
 
 
-def test_simulated_steps_are_the_runtimes_steps(gemma, specbench_prompts):
+@pytest.mark.parametrize("name,draft", [("gemma3-270m-medusa", 0), ("gemma3-270m-hydra", 2048)])
+def test_simulated_steps_are_the_runtimes_steps(gemma, specbench_prompts, name, draft):
     """simulate.py's steps, computed from the greedy text alone, are the PyTorch runtime's verify steps with
-    the shipped heads and a 16-node tree, on the full and on a draft vocabulary."""
+    the shipped heads (Medusa; sequential, drafting along the top-1 chain) and their 16-node tree, on the
+    full vocabulary and on a draft vocabulary."""
     from medusa_export.draft_vocab import draft_ids
-    from medusa_export.heads import resolve_heads
+    from medusa_export.heads import heads_path, resolve_heads
     from medusa_export.models import explicit_model
     from medusa_export.simulate import greedy_continuations, simulate
 
     c = gemma.config
-    heads = resolve_heads("gemma3-270m-medusa", c.hidden_size, c.vocab_size).eval()
+    heads = resolve_heads(name, c.hidden_size, c.vocab_size).eval()
     decoder = explicit_model(gemma)
     prompts = [gemma.tokenizer.encode(p).ids for p in specbench_prompts[:3]]
     continuations = greedy_continuations(gemma, prompts, 40, "cpu")
+    tree = f"{heads_path(name)}/trees/gemma3-270m-16.json"
+    drafts = draft_ids(name, draft, c.vocab_size) if draft else None
+    runtime = torch_runtime(gemma, heads, tree, max_seq=1024, draft_ids=drafts)
+    sims = simulate(decoder, heads, runtime.tree.choices, prompts, continuations, ["x"] * 3, drafts)
     seen = set()
-    for drafts in (None, draft_ids("gemma3-270m-medusa", 2048, c.vocab_size)):
-        runtime = torch_runtime(gemma, heads, "gemma3-270m-16", max_seq=1024, draft_ids=drafts)
-        sims = simulate(decoder, heads, runtime.tree.choices, prompts, continuations, ["x"] * 3, drafts)
-        for prompt, new, sim in zip(prompts, continuations, sims, strict=True):
-            res = runtime.generate(prompt, 40)
-            assert res.token_ids == new
-            assert [len(s.tokens) for s in res.steps[1:]] == sim.steps
-            seen |= set(sim.steps)
+    for prompt, new, sim in zip(prompts, continuations, sims, strict=True):
+        res = runtime.generate(prompt, 40)
+        assert res.token_ids == new
+        assert [len(s.tokens) for s in res.steps[1:]] == sim.steps
+        seen |= set(sim.steps)
     assert max(seen) >= 3, seen  # the comparison covers steps that accept several candidates

@@ -348,3 +348,24 @@ def test_tiny_gguf_values_carried_exactly(tmp_path, monkeypatch):
     for prompt in PROMPTS:
         want = plain.generate(prompt, 32).token_ids
         assert medusa.generate(prompt, 32).token_ids == want == default.generate(prompt, 32).token_ids
+
+
+def test_sequential_heads_read_the_quantized_embedding(tmp_path):
+    """Sequential heads gather their previous token's embedding: on 4-bit weights every gather of the
+    embedding reads the 8-bit blocks (GatherBlockQuantized), so no float copy of the table is kept."""
+    import onnx
+
+    from medusa_export.heads import random_heads, save_heads
+    from medusa_export.models import load_base
+    from medusa_export.onnx_export import export_onnx
+
+    c = load_base("tiny-llama").config
+    save_heads(
+        random_heads(3, c.hidden_size, c.vocab_size, sequential=True), tmp_path / "heads", "tiny-llama"
+    )
+    folder = export_onnx("tiny-llama", str(tmp_path / "heads"), tmp_path / "art", weights="int4", quiet=True)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 + 3 and "GatherND" not in ops
+    float_tables = [i.name for i in model.graph.initializer if list(i.dims) == [c.vocab_size, c.hidden_size]]
+    assert not float_tables, float_tables

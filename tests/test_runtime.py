@@ -237,3 +237,46 @@ def test_typical_acceptance_on_the_ort_backend(tiny_artifact):
     ]
     assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 40
     assert runs[0].mean_accepted > 1.0
+
+
+def test_sequential_heads_draft_alike_on_every_backend(tiny_base, tmp_path):
+    """Sequential (Hydra-style) heads, trained briefly by self-distillation and exported with a draft
+    vocabulary and the fused step: the host loop, the fused step graph and the PyTorch runtime draft the same
+    top-k along the top-1 chain, accept the same paths and give transformers' greedy output."""
+    from medusa_export import train as tr
+    from medusa_export.draft_vocab import draft_ids
+    from medusa_export.heads import load_heads
+    from medusa_export.onnx_export import export_onnx
+    from medusa_export.reference import torch_runtime
+    from medusa_runtime.decode import prefill
+
+    heads_dir = tmp_path / "heads"
+    settings = tr.TrainSettings(
+        "tiny-llama", heads_dir, num_heads=3, sequential=True, num_samples=16, max_new_tokens=24,
+        epochs=3, batch_size=4, holdout=0.25, lr=1e-2, quiet=True,
+    )  # fmt: skip
+    tr.train(settings)
+    folder = export_onnx(
+        "tiny-llama", str(heads_dir), tmp_path / "art", max_seq=256, draft_vocab=24, quiet=True, gpu_step=True
+    )
+    base = tiny_base("tiny-llama")
+    c = base.config
+    heads = load_heads(heads_dir, c.hidden_size, c.vocab_size)
+    assert heads.sequential
+    runtimes = [
+        MedusaRuntime.open(folder, tree="tree8"),
+        MedusaRuntime.open(folder, backend="ort-cpu-step", tree="tree8"),
+        torch_runtime(
+            base, heads, "tree8", max_seq=256, draft_ids=draft_ids(str(heads_dir), 24, c.vocab_size)
+        ),
+    ]
+    accepted = 0
+    for prompt in PROMPTS:
+        ids = runtimes[0].encode(prompt)
+        host, fused, ref = (rt.generate(ids, 30) for rt in runtimes)
+        assert host.token_ids == fused.token_ids == ref.token_ids == hf_greedy(base, ids, 30).tokens
+        assert [s.path for s in host.steps] == [s.path for s in fused.steps] == [s.path for s in ref.steps]
+        accepted += sum(len(s.tokens) - 1 for s in host.steps[1:])
+        drafts = [prefill(rt.backend, ids, rt.window).medusa_topk[:, -1] for rt in (runtimes[0], runtimes[2])]
+        np.testing.assert_array_equal(*drafts)
+    assert accepted > 0

@@ -15,13 +15,15 @@ from medusa_export.train_data import hidden_states
 CHOICES = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]]
 
 
-def drafted_tree(decoder, heads, hidden: torch.Tensor, root: int) -> dict[tuple, int]:
-    """Every node's token, drafted as a runtime with per-parent drafts would: node p's token is rank p[-1]
-    of head len(p)-1, which for sequential heads reads the parent's token."""
+def drafted_tree(decoder, heads, hidden: torch.Tensor, root: int, parents: str) -> dict[tuple, int]:
+    """Every node's token, drafted node by node: node p's token is rank p[-1] of head len(p)-1, which for
+    sequential heads reads its parent's token ("path") or the rank-0 node's at the parent's depth ("chain",
+    one top-k per depth, as graph.py drafts)."""
     tokens: dict[tuple, int] = {(): root}
     weight, embed = decoder.lm_head_weight(), decoder.embed_weight()
     for path in sorted(map(tuple, CHOICES), key=len):
-        depth, parent = len(path) - 1, tokens[path[:-1]]
+        depth = len(path) - 1
+        parent = tokens[path[:-1] if parents == "path" else (0,) * depth]
         prev = embed[torch.full((heads.num_heads, 1), parent)] if heads.sequential else None
         with torch.no_grad():
             logits = heads.logits(hidden[None], weight, prev)[depth, 0]
@@ -29,8 +31,8 @@ def drafted_tree(decoder, heads, hidden: torch.Tensor, root: int) -> dict[tuple,
     return tokens
 
 
-@pytest.mark.parametrize("sequential", [False, True])
-def test_accepted_length_is_the_drafted_trees(tiny_base, sequential):
+@pytest.mark.parametrize("sequential,parents", [(False, "chain"), (True, "chain"), (True, "path")])
+def test_accepted_length_is_the_drafted_trees(tiny_base, sequential, parents):
     base = tiny_base("tiny-llama")
     decoder = explicit_model(base)
     c = base.config
@@ -41,18 +43,18 @@ def test_accepted_length_is_the_drafted_trees(tiny_base, sequential):
         prefix = rng.integers(3, c.vocab_size, size=int(rng.integers(4, 12))).tolist()
         hidden = hidden_states(decoder, torch.tensor([prefix]))[0, -1]
         root = int(rng.integers(3, c.vocab_size))
-        tree = drafted_tree(decoder, heads, hidden, root)
+        tree = drafted_tree(decoder, heads, hidden, root, parents)
         node = list(tree)[int(rng.integers(len(tree)))]  # the path the text follows, then leaves the tree
         future = [tree[node[:i]] for i in range(1, len(node) + 1)]
         children = {tree[p] for p in tree if len(p) == len(node) + 1 and p[:-1] == node}
         junk = next(t for t in rng.integers(3, c.vocab_size, size=50).tolist() if t not in children)
-        ranks = true_ranks(decoder, heads, prefix, [root, *future, junk])
+        ranks = true_ranks(decoder, heads, prefix, [root, *future, junk], parents=parents)
         assert accepted_at(ranks, CHOICES)[0] == len(node), (trial, node)
         seen.add(len(node))
     assert seen >= {0, 1, 2, 3}, seen
     if sequential:  # the parent's token matters: the same heads without it draft another tree
         plain = random_heads(4, c.hidden_size, c.vocab_size, seed=5, scale=3.0).eval()
-        assert drafted_tree(decoder, plain, hidden, root) != tree
+        assert drafted_tree(decoder, plain, hidden, root, parents) != tree
 
 
 def test_walk_steps_through_the_text_and_cuts_the_last_step():
