@@ -4,7 +4,9 @@ PY ?= .venv/bin/python
 CLI := .venv/bin/medusa-export
 PROMPTS ?= data/specbench_dev.jsonl
 ART ?= artifacts
-HEADS ?= gemma3-270m-medusa
+# sequential (Hydra-style) heads: on the 4-bit CPU artifact 3.89 accepted tokens/step against 3.61 for the
+# Medusa heads, 142 against 137 tok/s (BENCHMARKS.md, round 8); the GPU host keeps gemma3-270m-medusa (gpu.sh)
+HEADS ?= gemma3-270m-hydra
 # on the CPU the heads project onto the 4,096 most frequent tokens of their training text (98.3% of it)
 CPU_DRAFT ?= 4096
 export HF_HUB_OFFLINE := 1

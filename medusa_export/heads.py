@@ -35,7 +35,7 @@ WEIGHT_FILES = {"safetensors": "medusa_lm_head.safetensors", "pt": "medusa_lm_he
 _KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")  # head, index, parameter
 _RANDOM_SPEC = re.compile(r"random:([1-9]\d*)(?::([1-9]\d*))?")
 SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"  # trained heads shipped with the repo
-DEFAULT_HEADS = "gemma3-270m-medusa"  # the Makefile's; its trees win where shipped heads share a tree name
+DEFAULT_HEADS = "gemma3-270m-medusa"  # the GPU host's; its trees win where shipped heads share a tree name
 
 
 def heads_path(spec: str) -> str:

@@ -6,6 +6,8 @@ The hidden states are the explicit decoder's output (`explicit_model(base)`), th
 graph feeds the heads. Shared heads are scored through the frozen base lm_head (with the family's logit
 soft-capping, as `decoder.project` does); per-head projections start as copies of it and are trained.
 
+`--sequential` trains Hydra-style heads (heads.py): head k at position t also reads tokens[t+1+k].
+
 Loss: sum over heads of w_k * CE_k / sum(w_k), w_k = head_decay**k (0.8 in the Medusa paper; 1 gives the
 plain mean), CE_k the mean cross-entropy of head k over its target positions. The vocabulary projection and
 its cross-entropy run in chunks of rows with the gradient computed on the fly, so memory stays bounded with
@@ -135,8 +137,8 @@ class Scorer:
     embed: torch.Tensor | None = None  # [V, C] the base token embedding, for sequential heads
 
     def states(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Head states [K, B, T, C]; a sequential head k at position t reads tokens[t + 1 + k], the token
-        before its target (teacher forcing: in a tree it is the parent node's token on the accepted path)."""
+        """Head states [K, B, T, C]; a sequential head k at position t reads tokens[t + 1 + k], the true token
+        before its target (teacher forcing; the exported graphs give it the previous head's top-1)."""
         if not self.heads.sequential:
             return self.heads.head_states(hidden)
         prev = previous_tokens(tokens, self.heads.num_heads)
