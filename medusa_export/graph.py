@@ -106,9 +106,8 @@ class MedusaGraph(nn.Module):
             return self._project_heads(self.heads.head_states(hidden))
         embed, prev, out = self.decoder.embed_weight(), root, []
         for k in range(self.heads.num_heads):
-            state = self.heads.head_state(
-                k, hidden, F.embedding(prev, embed)
-            )  # a Gather, as int4 export expects
+            # F.embedding exports as a Gather, which --weights int4 turns into the 8-bit table's gather
+            state = self.heads.head_state(k, hidden, F.embedding(prev, embed))
             out.append(self._project_heads(state[None], k)[0])
             top = torch.argmax(out[-1], dim=-1)  # the first of tied maxima, as topk_ids ranks them
             prev = top if self.draft_ids is None else self.draft_ids[top]

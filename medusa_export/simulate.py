@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medusa_runtime.errors import MedusaError
+
 from .train_objective import MAX_RANK, target_ranks
 
 if TYPE_CHECKING:
@@ -96,6 +98,10 @@ def true_ranks(
         known &= targets >= 0
     if parents not in ("chain", "path"):
         raise ValueError(f"parents must be chain or path, got {parents!r}")
+    if not heads.shared_lm_head:
+        raise MedusaError(
+            "simulate ranks through the base lm_head: heads with their own projections are not supported"
+        )
     embed = decoder.embed_weight().float()
     ranks = torch.full((k, positions), MAX_RANK, dtype=torch.long, device=seq.device)
     prev = padded[index + 1]  # the root

@@ -1,7 +1,8 @@
 """Accepted tokens per step of heads + tree on a prompt set, from the base model's greedy text
 (`medusa_export/simulate.py`): the figure `bench` reports for the heads-only tree, by category, next to the
-tree builder's prediction from the heads' held-out accuracy. Several heads share one set of continuations;
-sequential (Hydra-style) heads, which the exported graphs cannot run yet, are measured this way.
+tree builder's prediction from the heads' held-out accuracy, without exporting anything. Several heads share
+one set of continuations. `--parents path` measures what sequential heads would accept if every node were
+drafted from its own parent (the runtime drafts from the top-1 chain: `chain`, the default).
 
     python scripts/simulate_acceptance.py HEADS[,HEADS...] --prompts data/specbench_dev.jsonl \
         [--per-category N] [--max-new-tokens 64] [--tree gemma3-270m-64] [--draft-vocab 8192] \
