@@ -24,7 +24,16 @@ import numpy as np
 
 from medusa_runtime.errors import MedusaError
 
-from .train_objective import MAX_RANK, target_ranks
+from .train_objective import (
+    IGNORE,
+    MAX_RANK,
+    draft_remap,
+    head_offsets,
+    previous_tokens,
+    shifted_targets,
+    target_ranks,
+    to_draft,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -78,37 +87,33 @@ def true_ranks(
 
     from .train_data import hidden_states
 
-    seq = torch.tensor([[*prompt, *continuation]], device=decoder.lm_head_weight().device)
-    n, k, first = seq.shape[1], heads.num_heads, len(prompt) - 1
-    positions = max(n - 1 - first, 0)
-    if not positions:
-        return np.zeros((0, k), dtype=np.int64)
-    hidden = hidden_states(decoder, seq)[0, first : n - 1]  # [P, C]
-    pad = torch.zeros(k + 2, dtype=torch.long, device=seq.device)
-    padded = torch.cat([seq[0], pad])
-    index = torch.arange(first, n - 1, device=seq.device)
-    targets = torch.stack([padded[index + 2 + j] for j in range(k)])  # [K, P]
-    known = torch.stack([index + 2 + j < n for j in range(k)])
-    weight = decoder.lm_head_weight().float()
-    if draft_ids is not None:  # rank among the draft vocabulary only, as the exported heads do
-        draft_ids = draft_ids.to(seq.device)
-        remap = torch.full((weight.shape[0],), -1, dtype=torch.long, device=seq.device)
-        remap[draft_ids] = torch.arange(len(draft_ids), device=seq.device)
-        targets, weight = remap[targets], weight[draft_ids]
-        known &= targets >= 0
     if parents not in ("chain", "path"):
         raise ValueError(f"parents must be chain or path, got {parents!r}")
     if not heads.shared_lm_head:
         raise MedusaError(
             "simulate ranks through the base lm_head: heads with their own projections are not supported"
         )
+    seq = torch.tensor([[*prompt, *continuation]], device=decoder.lm_head_weight().device)
+    n, k, first = seq.shape[1], heads.num_heads, len(prompt) - 1
+    if n - 1 - first <= 0:
+        return np.zeros((0, k), dtype=np.int64)
+    steps = slice(first, n - 1)  # the positions a verify step can start from
+    hidden = hidden_states(decoder, seq)[0, steps]  # [P, C]
+    whole, start = torch.tensor([n], device=seq.device), torch.zeros(1, dtype=torch.long, device=seq.device)
+    targets = shifted_targets(seq, whole, start, head_offsets(k))[:, 0, steps]  # [K, P], IGNORE past the end
+    truth = previous_tokens(seq, k)[:, 0, steps]  # [K, P]: the true token before each target
+    weight = decoder.lm_head_weight().float()
+    if draft_ids is not None:  # rank among the draft vocabulary only, as the exported heads do
+        draft_ids = draft_ids.to(seq.device)
+        targets, weight = to_draft(targets, draft_remap(draft_ids, weight.shape[0])), weight[draft_ids]
+    known = targets != IGNORE
     embed = decoder.embed_weight().float()
-    ranks = torch.full((k, positions), MAX_RANK, dtype=torch.long, device=seq.device)
-    prev = padded[index + 1]  # the root
+    ranks = torch.full(targets.shape, MAX_RANK, dtype=torch.long, device=seq.device)
+    prev = truth[0]  # the root
     with torch.no_grad():
         for j in range(k):
             if heads.sequential and parents == "path":
-                prev = padded[index + 1 + j]  # the true token before the target
+                prev = truth[j]
             state = heads.head_state(j, hidden, embed[prev] if heads.sequential else None)
             ranks[j, known[j]] = target_ranks(state[known[j]], weight, targets[j][known[j]])
             if heads.sequential and parents == "chain":

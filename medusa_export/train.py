@@ -62,11 +62,13 @@ from .train_data import (
 from .train_objective import (
     IGNORE,
     MAX_RANK,
+    draft_remap,
     head_offsets,
     linear_cross_entropy,
     previous_tokens,
     shifted_targets,
     target_ranks,
+    to_draft,
 )
 
 if TYPE_CHECKING:
@@ -146,11 +148,7 @@ class Scorer:
 
     def draft_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Targets as indices of the draft vocabulary (IGNORE where absent); unchanged without one."""
-        import torch
-
-        if self.remap is None:
-            return targets
-        return torch.where(targets != IGNORE, self.remap[targets.clamp(min=0)], IGNORE)
+        return targets if self.remap is None else to_draft(targets, self.remap)
 
     def weight(self, k: int) -> torch.Tensor:
         if self.heads.shared_lm_head:
@@ -504,8 +502,7 @@ def train(settings: TrainSettings) -> TrainResult:
     if 0 < min(settings.draft_vocab, len(ranked)) < decoder.cfg.vocab_size:
         # the ids just counted (not a lookup by name: --out may spell a shipped heads folder)
         ids = torch.tensor(ranked[: settings.draft_vocab], dtype=torch.int64, device=device)
-        remap = torch.full((decoder.cfg.vocab_size,), IGNORE, dtype=torch.long, device=device)
-        remap[ids] = torch.arange(len(ids), device=device)
+        remap = draft_remap(ids, decoder.cfg.vocab_size)
         lm_head = lm_head[ids]
     scorer = Scorer(
         heads,

@@ -48,12 +48,26 @@ def previous_tokens(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
     sequential head reads), or 0 past the end, where head k has no target either."""
     import torch
 
-    t = tokens.shape[1]
-    out = torch.zeros((num_heads, *tokens.shape), dtype=torch.long, device=tokens.device)
-    for k in range(num_heads):
-        if k + 1 < t:
-            out[k, :, : t - 1 - k] = tokens[:, k + 1 :]
-    return out
+    b, t = tokens.shape
+    whole = torch.full((b,), t, device=tokens.device)
+    offsets = [k + 1 for k in range(num_heads)]
+    return shifted_targets(tokens, whole, torch.zeros_like(whole), offsets).clamp(min=0)
+
+
+def draft_remap(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[V]: full token id -> its index in the draft vocabulary `ids`, IGNORE outside it."""
+    import torch
+
+    remap = torch.full((vocab_size,), IGNORE, dtype=torch.long, device=ids.device)
+    remap[ids] = torch.arange(len(ids), device=ids.device)
+    return remap
+
+
+def to_draft(targets: torch.Tensor, remap: torch.Tensor) -> torch.Tensor:
+    """Targets as draft-vocabulary indices (`draft_remap`): IGNORE where absent or already IGNORE."""
+    import torch
+
+    return torch.where(targets != IGNORE, remap[targets.clamp(min=0)], IGNORE)
 
 
 def head_offsets(num_heads: int) -> list[int]:

@@ -25,8 +25,7 @@ import numpy as np
 from medusa_export.heads import resolve_heads
 from medusa_export.models import explicit_model, load_base
 from medusa_export.prompts import read_prompts
-from medusa_export.reference import hf_greedy
-from medusa_export.simulate import accepted_at, true_ranks
+from medusa_export.simulate import accepted_at, greedy_continuations, true_ranks
 from medusa_runtime.tree import expected_accept_length, load_choices
 
 RANKS, NEW_TOKENS = 10, 64
@@ -62,10 +61,8 @@ def main() -> None:
     prompts = [
         (r["category"], r["prompt"]) for r in read_prompts(Path(args.prompts), per_category=args.per_category)
     ]
-    continuations = []
-    for _, prompt in prompts:
-        ids = base.tokenizer.encode(prompt).ids
-        continuations.append((ids, hf_greedy(base, ids, NEW_TOKENS, scores=False).tokens))
+    encoded = [base.tokenizer.encode(prompt).ids for _, prompt in prompts]
+    continuations = list(zip(encoded, greedy_continuations(base, encoded, NEW_TOKENS, "cpu"), strict=True))
     for heads_name in args.heads.split(","):
         heads = resolve_heads(heads_name, decoder.cfg.hidden_size, decoder.cfg.vocab_size).eval()
         _, choices = load_choices(f"heads/{heads_name}/trees/gemma3-270m-64.json")
