@@ -1,13 +1,21 @@
-"""Adaptive speculation (`chain0+lookupauto`): one lookup chain whose verified length is chosen each step
-from how well the context matched (medusa_runtime.adaptive). The spelling, the policy's choices on
+"""Adaptive speculation (`chain0+lookupauto`): one chain (the lookup's continuation or the heads' guesses)
+whose verified length is chosen each step from how well the context matched (medusa_runtime.adaptive). The spelling, the policy's choices on
 constructed contexts, and exactness: greedy output is the base model's greedy output, token for token."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from conftest import PROMPTS, OracleDrafter
-from medusa_runtime.adaptive import LENGTH_BY_MATCH, LONG_MATCH, chain_length, chain_prefixes, step_tree
+from medusa_runtime.adaptive import (
+    LENGTH_BY_MATCH,
+    LONG_MATCH,
+    WEAK_MATCH,
+    chain_length,
+    chain_prefixes,
+    chain_step,
+)
 from medusa_runtime.api import MedusaRuntime
 from medusa_runtime.lookup import AUTO_LENGTH, lookup_name, lookup_plan, match_length, parse_lookup
 from medusa_runtime.tree import TreeError, build_tree, resolve_tree, split_lookup, with_lookup
@@ -85,18 +93,15 @@ def test_match_length(context, matched) -> None:
 def test_chain_length_follows_the_match() -> None:
     """No match: one heads' guess; a short match: a few tokens; a long one (the model copies): the whole
     chain. Never more than the tree's chain."""
-    passage = list(range(10, 30))
-    copying = passage + [99] + passage[:LONG_MATCH]
-    assert chain_length(copying, 16) == 16
-    assert chain_length(copying, 5) == 5
-    assert chain_length([1, 2, 3, 4, 5], 16) == LENGTH_BY_MATCH[0] == 1
-    assert chain_length([7, 1, 2, 9, 2], 16) == LENGTH_BY_MATCH[1]
-    assert chain_length([7, 1, 2, 9, 2], 2) == 2
-    assert chain_length([5, 1, 2, 3, 9, 1, 2, 3], 16) == LENGTH_BY_MATCH[3]
+    assert chain_length(LONG_MATCH, 16) == chain_length(LONG_MATCH + 9, 16) == 16
+    assert chain_length(LONG_MATCH, 5) == 5
+    assert chain_length(0, 16) == LENGTH_BY_MATCH[0] == 1
+    assert chain_length(1, 16) == LENGTH_BY_MATCH[1] and chain_length(1, 2) == 2
+    assert chain_length(3, 16) == LENGTH_BY_MATCH[3]
     assert all(1 <= n for n in LENGTH_BY_MATCH)
 
 
-def test_step_tree_is_a_prefix_of_the_chain() -> None:
+def test_the_adaptive_chains_are_prefixes_of_the_tree_chain() -> None:
     tree = with_lookup(build_tree([]), 1, 8, adaptive=True)
     prefixes = chain_prefixes(tree)
     assert sorted(prefixes) == list(range(1, 9))
@@ -104,9 +109,35 @@ def test_step_tree_is_a_prefix_of_the_chain() -> None:
         assert sub.num_nodes == n + 1 and sub.lookup == (1, n) and not sub.adaptive
         assert (sub.attention_mask == tree.attention_mask[: n + 1, : n + 1]).all()
         assert (sub.position_ids == tree.position_ids[: n + 1]).all()
-    assert step_tree(tree, prefixes, [1, 2, 3, 4]).num_nodes == 2  # no match: one heads' guess
-    fixed = with_lookup(build_tree([]), 1, 3)
-    assert chain_prefixes(fixed) is None and step_tree(fixed, None, [1, 2]) is fixed
+    assert chain_prefixes(with_lookup(build_tree([]), 1, 3)) is None  # a fixed chain is verified whole
+
+
+def _heads(*top1: int) -> np.ndarray:
+    """Heads' top-k [K, 2] whose top-1 guesses are `top1`."""
+    return np.array([[t, 0] for t in top1], dtype=np.int64)
+
+
+def test_chain_step_picks_the_lookup_or_the_heads() -> None:
+    """A match's continuation (as long as chain_length says), the heads' guesses where nothing matched or
+    where a weak match disagrees with the heads' first guess, the last token without heads."""
+    prefixes = chain_prefixes(with_lookup(build_tree([]), 1, 8, adaptive=True))
+
+    def step(context, heads):
+        tree, chain, matched = chain_step(prefixes, context, heads)
+        assert tree is prefixes[chain.shape[1]] and chain.dtype == np.int64
+        return chain[0].tolist(), matched
+
+    heads = _heads(50, 51, 52, 53)
+    assert step([1, 2, 3, 4, 5], heads) == ([50], 0)  # no match
+    assert step([1, 2, 3, 4, 5], None) == ([5], 0)
+    weak = [7, 1, 2, 9, 2]  # "2" matched once, followed by 9: a weak match
+    assert WEAK_MATCH >= 1 and match_length(weak, cap=LONG_MATCH) == 1
+    assert step(weak, _heads(9, 51, 52, 53)) == ([9, 2, 9][: LENGTH_BY_MATCH[1]], 1)  # they agree
+    assert step(weak, heads) == ([50], 0)  # they disagree: the heads
+    assert step(weak, None) == ([9, 2, 9][: LENGTH_BY_MATCH[1]], 1)
+    passage = list(range(10, 30))
+    copying = passage + [99] + passage[:LONG_MATCH]
+    assert step(copying, heads) == (passage[LONG_MATCH : LONG_MATCH + 8], 1)  # a long match: never the heads
 
 
 # --- decoding ----------------------------------------------------------------------------------------------
@@ -130,7 +161,7 @@ def test_adaptive_chain_is_plain_greedy_and_verifies_the_chosen_length(
     name, tiny_base, tiny_artifact
 ) -> None:
     """Medusa with `chain0+lookupauto8` = transformers' greedy decoding, token for token, with oracle heads
-    (the unmatched steps' guesses) and the lookup; every verify is as long as chain_length says."""
+    (the unmatched steps' guesses) and the lookup; every verify is one of the lengths chain_step picks from."""
     from medusa_export.reference import hf_greedy
 
     rt = MedusaRuntime.open(tiny_artifact(name), tree="chain0+lookupauto8")
@@ -146,7 +177,10 @@ def test_adaptive_chain_is_plain_greedy_and_verifies_the_chosen_length(
         assert got.token_ids == want
         context = ids + got.steps[0].tokens
         for step, size in zip(got.steps[1:], sizes[1:]):  # sizes[0]: the prefill
-            assert size == 1 + chain_length(context, 8)
+            matched = match_length(context, cap=LONG_MATCH)
+            # the match's length, or where a weak match gave way to the heads, the unmatched one
+            allowed = {chain_length(matched, 8)} | ({chain_length(0, 8)} if matched <= WEAK_MATCH else set())
+            assert size - 1 in allowed
             context += step.tokens
         seen.update(sizes[1:])
     assert len(seen) > 1  # the length did change from step to step

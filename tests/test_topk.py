@@ -1,11 +1,12 @@
-"""The staged top-k of the heads (graph.topk_ids): the same ids as one TopK, through ONNX Runtime too."""
+"""The staged top-k of the heads (graph.topk_ids) and the staged argmax of the logits (graph.argmax_ids): the
+same ids as one TopK / ArgMax, ties included, in PyTorch and through ONNX Runtime."""
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from medusa_export.graph import topk_ids
+from medusa_export.graph import argmax_ids, topk_ids
 
 
 def stable_topk(x: np.ndarray, k: int) -> np.ndarray:
@@ -44,3 +45,41 @@ def test_staged_topk_in_onnx_runtime_keeps_tie_order(tmp_path):
         x = np.round(rng.standard_normal((rows, 1280)) * 3).astype(np.float32)  # many equal values
         (got,) = sess.run(None, {"x": x})
         np.testing.assert_array_equal(got, stable_topk(x, 10))
+
+
+class StagedArgmax(torch.nn.Module):
+    def forward(self, x):
+        return argmax_ids(x)
+
+
+@pytest.mark.parametrize("width", [7, 1000, 32_000, 262_144])
+def test_staged_argmax_is_argmax_with_ties(width):
+    x = torch.round(torch.randn(3, 5, width) * 2)  # many tied maxima: the first one must win
+    assert torch.equal(argmax_ids(x), torch.argmax(x, dim=-1))
+
+
+def test_staged_argmax_in_onnx_runtime(tmp_path):
+    """Exported and run by ONNX Runtime: ArgMax's own answer (first of tied maxima) for 1 and 13 rows, with the
+    maximum tied across chunks, and no full-width ArgMax left in the graph."""
+    import onnx
+
+    path = tmp_path / "argmax.onnx"
+    width = 4096
+    rows = torch.export.Dim("rows", min=1, max=64)
+    torch.onnx.export(
+        StagedArgmax(),
+        (torch.randn(1, 4, width),),
+        str(path),
+        dynamo=True,
+        input_names=["x"],
+        dynamic_shapes=({1: rows},),
+    )
+    assert "ReduceMax" in [n.op_type for n in onnx.load(str(path)).graph.node]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for n in (1, 13):
+        x = np.round(rng.standard_normal((1, n, width)) * 3).astype(np.float32)
+        x[0, :, [5, 700, 4000]] = x.max() + 1  # a tie in three chunks
+        x[0, -1, 900] = x.max() + 2  # one row's max elsewhere
+        (got,) = sess.run(None, {"x": x})
+        np.testing.assert_array_equal(got, np.argmax(x, axis=-1))

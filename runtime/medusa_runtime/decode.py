@@ -4,7 +4,8 @@ prefill -> [draft (heads' top-k at the accepted row) -> lookup (continuations fo
 a hybrid tree's lookup chains) -> candidates (tree) -> verify (one forward) -> accept (greedy | typical)
 -> commit (keep the accepted path's KV)] ... Plain autoregressive decoding is the same loop with the
 root-only tree; a tree without lookup chains gets an empty lookup. An adaptive tree (`chain0+lookupauto`)
-verifies, each step, a prefix of its one chain as long as the context's match promises (adaptive.py).
+verifies, each step, a prefix of its one chain as long as the context's match promises, holding the
+lookup's continuation or the heads' guesses (adaptive.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .acceptance import Greedy
-from .adaptive import chain_prefixes, step_tree
+from .adaptive import chain_prefixes, chain_step, heads_chain
 from .backends.base import Backend, StepOutput
 from .lookup import propose
 from .masks import causal, step_masks
@@ -58,10 +59,7 @@ def lookup(tree: TreeBuffers, context: list[int], heads: np.ndarray | None = Non
     the context matched. With `heads` (the heads' top-k [K, k]) the unmatched rows hold the heads' top-1
     chain instead of the root token (for trees without heads nodes: see decode's heads_fill)."""
     chains, length = tree.lookup_chains, tree.lookup_length
-    filler = None
-    if chains and heads is not None and heads.shape[0]:
-        top1 = heads[:length, 0]
-        filler = np.concatenate((top1, np.full(length - len(top1), top1[-1], dtype=top1.dtype)))
+    filler = heads_chain(heads, length) if chains and heads is not None and heads.shape[0] else None
     return propose(context, chains, length, filler=filler)
 
 
@@ -99,7 +97,7 @@ def decode(
     """Yields one Step per forward, forever: the caller stops at EOS, a token budget or a stop string.
     `heads_fill`: on a tree without heads nodes (`chain0+lookup3`), lookup rows the context does not match
     take the heads' top-1 chain, and accepted tokens from those rows count as the heads'.
-    An adaptive tree verifies each step the chain of adaptive.chain_length (a prefix of its chain)."""
+    An adaptive tree verifies each step the chain adaptive.chain_step picks (a prefix of its chain)."""
     rng = np.random.default_rng(seed)
     fill = heads_fill and tree.depth == 0 and tree.lookup_chains > 0  # one chain: lookup, else heads
     prefixes = chain_prefixes(tree)
@@ -111,8 +109,11 @@ def decode(
     while True:
         if drafter is not None:
             draft = drafter(context, draft)
-        step = step_tree(tree, prefixes, context)
-        found, matched = lookup(step, context, draft if fill else None)
+        if prefixes is None:
+            step = tree
+            found, matched = lookup(step, context, draft if fill else None)
+        else:
+            step, found, matched = chain_step(prefixes, context, draft if fill else None)
         cand = candidates(step, token, draft, found)
         out = verify(backend, step, cand, window)
         logits = functools.cache(backend.logits)  # to the host at most once a step, only if asked for

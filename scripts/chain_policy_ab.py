@@ -1,0 +1,106 @@
+"""Time the adaptive chain's weak-match rule (adaptive.WEAK_MATCH) on and off, with plain decoding, in one
+process on one artifact: variants interleaved per prompt (order reversed every other run), median of runs,
+outputs checked equal to plain decoding's.
+
+    python scripts/chain_policy_ab.py ARTIFACT [--prompts data/specbench_dev.jsonl] [--skip 0] [--per-category 1]
+        [--max-new-tokens 64] [--runs 3] [--threads 2]
+
+--skip S --per-category N takes prompts S .. S+N-1 of every category (prompts held out from a choice).
+Prints per variant: median tok/s over prompts (each prompt's median over runs),
+accepted tokens per verify step, and rows verified per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
+
+
+def record_forwards(rt) -> list[int]:
+    """The token count of each of the runtime's backend forwards is appended to the returned list."""
+    sizes: list[int] = []
+    forward = rt.backend.forward
+
+    def recorded(input_ids, *args, **kwargs):
+        sizes.append(len(input_ids))
+        return forward(input_ids, *args, **kwargs)
+
+    rt.backend.forward = recorded
+    return sizes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--prompts", default=str(ROOT / "data/specbench_dev.jsonl"))
+    ap.add_argument("--skip", type=int, default=0)
+    ap.add_argument("--per-category", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    from medusa_export.prompts import read_prompts
+    from medusa_runtime import adaptive
+    from medusa_runtime.api import MedusaRuntime
+
+    rows = read_prompts(Path(args.prompts), per_category=args.skip + args.per_category)
+    seen: dict[str, int] = defaultdict(int)
+    picked = []
+    for row in rows:
+        seen[row["category"]] += 1
+        if seen[row["category"]] > args.skip:
+            picked.append(row)
+    medusa = MedusaRuntime.open(args.artifact, threads=args.threads)
+    plain = MedusaRuntime.open(args.artifact, medusa=False, threads=args.threads)
+    weak = adaptive.WEAK_MATCH
+    variants = {f"weak_match={weak}": (medusa, weak), "weak_match=0": (medusa, 0), "plain": (plain, weak)}
+    print(
+        f"{args.artifact}: tree {medusa.tree_name}, {len(picked)} prompts x {args.max_new_tokens} tokens, "
+        f"{args.runs} runs",
+        flush=True,
+    )
+    times: dict[str, dict[int, list[float]]] = {v: defaultdict(list) for v in variants}
+    counts: dict[str, list[tuple[int, int, int]]] = {v: [] for v in variants}  # tokens, verify steps, rows
+    forwards = {id(rt): record_forwards(rt) for rt in (medusa, plain)}  # token counts of each forward
+    medusa.generate("Warm up.", 8), plain.generate("Warm up.", 8)
+    for run in range(args.runs):
+        for i, row in enumerate(picked):
+            ids = medusa.encode(row["prompt"])
+            outputs = {}
+            order = list(variants) if (run + i) % 2 == 0 else list(variants)[::-1]
+            for name in order:
+                rt, rule = variants[name]
+                adaptive.WEAK_MATCH = rule
+                sizes = forwards[id(rt)]
+                sizes.clear()
+                start = time.perf_counter()
+                result = rt.generate(ids, args.max_new_tokens)
+                times[name][i].append(len(result.token_ids) / (time.perf_counter() - start))
+                outputs[name] = result.token_ids
+                if run == 0:
+                    counts[name].append((len(result.token_ids) - 1, len(sizes) - 1, sum(sizes[1:])))
+            adaptive.WEAK_MATCH = weak
+            if len(set(map(tuple, outputs.values()))) != 1:
+                raise SystemExit(f"prompt {i}: the variants' outputs differ")
+        print(f"run {run + 1}/{args.runs} done", flush=True)
+    base = statistics.median(statistics.median(v) for v in times["plain"].values())
+    for name in variants:
+        per_prompt = statistics.median(statistics.median(v) for v in times[name].values())
+        tokens, steps, rows_ = (sum(c[j] for c in counts[name]) for j in range(3))
+        print(
+            f"{name:14s} {per_prompt:7.1f} tok/s (median over prompts)  {per_prompt / base:5.2f}x plain  "
+            f"{tokens / steps:5.2f} tokens/step  {rows_ / steps:5.2f} rows/step"
+        )
+    print("outputs: every variant = plain decoding on every prompt")
+
+
+if __name__ == "__main__":
+    main()
