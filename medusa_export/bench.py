@@ -25,10 +25,12 @@ SOURCES = ("heads", "lookup")
 
 
 class TimedBackend:
-    """Delegates to a backend and accumulates the wall time of its device work (forward + commit)."""
+    """Delegates to a backend and accumulates the wall time of its device work (forward + commit), and the
+    token count of each forward (`forward_tokens`: the prefill's, then each step's verified rows)."""
 
     def __init__(self, inner):
         self.inner, self.device_s = inner, 0.0
+        self.forward_tokens: list[int] = []
 
     def __getattr__(self, name):  # everything else (reset, logits, length, capacity) is the backend's
         return getattr(self.inner, name)
@@ -40,8 +42,9 @@ class TimedBackend:
         finally:
             self.device_s += time.perf_counter() - start
 
-    def forward(self, *args, **kw):
-        return self._timed(self.inner.forward, *args, **kw)
+    def forward(self, input_ids, *args, **kw):
+        self.forward_tokens.append(len(input_ids))
+        return self._timed(self.inner.forward, input_ids, *args, **kw)
 
     def commit(self, rows):
         return self._timed(self.inner.commit, rows)

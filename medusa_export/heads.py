@@ -155,14 +155,7 @@ class MedusaHeads(nn.Module):
             )
         return F.linear(states, lm_head_weight)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        lm_head_weight: torch.Tensor | None = None,
-        prev_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Same as `logits`: [..., H] -> [K, ..., V]."""
-        return self.logits(hidden, lm_head_weight, prev_embeds)
+    forward = logits
 
 
 def save_heads(

@@ -23,19 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
 
-def record_forwards(rt) -> list[int]:
-    """The token count of each of the runtime's backend forwards is appended to the returned list."""
-    sizes: list[int] = []
-    forward = rt.backend.forward
-
-    def recorded(input_ids, *args, **kwargs):
-        sizes.append(len(input_ids))
-        return forward(input_ids, *args, **kwargs)
-
-    rt.backend.forward = recorded
-    return sizes
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact")
@@ -47,6 +34,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
+    from medusa_export.bench import TimedBackend
     from medusa_export.prompts import read_prompts
     from medusa_runtime import adaptive
     from medusa_runtime.api import MedusaRuntime
@@ -69,7 +57,8 @@ def main() -> None:
     )
     times: dict[str, dict[int, list[float]]] = {v: defaultdict(list) for v in variants}
     counts: dict[str, list[tuple[int, int, int]]] = {v: [] for v in variants}  # tokens, verify steps, rows
-    forwards = {id(rt): record_forwards(rt) for rt in (medusa, plain)}  # token counts of each forward
+    for rt in (medusa, plain):  # counts each forward's tokens
+        rt.backend = TimedBackend(rt.backend)
     medusa.generate("Warm up.", 8), plain.generate("Warm up.", 8)
     for run in range(args.runs):
         for i, row in enumerate(picked):
@@ -79,7 +68,7 @@ def main() -> None:
             for name in order:
                 rt, rule = variants[name]
                 adaptive.WEAK_MATCH = rule
-                sizes = forwards[id(rt)]
+                sizes = rt.backend.forward_tokens
                 sizes.clear()
                 start = time.perf_counter()
                 result = rt.generate(ids, args.max_new_tokens)

@@ -145,15 +145,10 @@ def test_chain_step_picks_the_lookup_or_the_heads() -> None:
 
 def _recording(runtime: MedusaRuntime) -> list[int]:
     """Token counts of the backend's forwards, from now on."""
-    sizes: list[int] = []
-    forward = runtime.backend.forward
+    from medusa_export.bench import TimedBackend
 
-    def record(input_ids, *args, **kwargs):
-        sizes.append(len(input_ids))
-        return forward(input_ids, *args, **kwargs)
-
-    runtime.backend.forward = record
-    return sizes
+    runtime.backend = TimedBackend(runtime.backend)
+    return runtime.backend.forward_tokens
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .lookup import continuations, match_length
+from .lookup import latest_continuation
 from .tree import TreeBuffers, build_tree, with_lookup
 
 # chain length by how many context tokens the lookup's continuation follows: none (the heads' top-1
@@ -69,15 +69,14 @@ def chain_step(
     (the heads' top-1 guesses from their top-k [K, k]; without `heads`, the last token repeated)."""
     longest = max(prefixes)
     heads = heads if heads is not None and len(heads) else None
-    matched = match_length(context, cap=LONG_MATCH)
-    found = continuations(context, 1, longest) if matched else []
-    if found and heads is not None and matched <= WEAK_MATCH and found[0][0] != heads[0, 0]:
-        found, matched = [], 0
+    found, matched = latest_continuation(context, longest, cap=LONG_MATCH)
+    if found is not None and heads is not None and matched <= WEAK_MATCH and found[0] != heads[0, 0]:
+        found, matched = None, 0
     n = chain_length(matched, longest)
-    if found:
-        chain = found[0][:n]
+    if found is not None:
+        chain = found[:n]
     elif heads is not None:
         chain = heads_chain(heads, n)
     else:
         chain = np.full(n, context[-1], dtype=np.int64)
-    return prefixes[n], chain[None].astype(np.int64), len(found)
+    return prefixes[n], chain[None].astype(np.int64), int(found is not None)

@@ -89,10 +89,11 @@ def _occurrences(ctx: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(hits)[::-1]
 
 
-def match_length(context: Sequence[int], max_ngram: int = MAX_NGRAM, cap: int = 64) -> int:
-    """How many of the context's last tokens the lookup's first continuation follows: the most recent
-    occurrence of the longest suffix n-gram (n <= max_ngram, as `continuations` picks it), extended back
-    while the tokens before it agree too, up to `cap`; 0 when the context has no match."""
+def latest_continuation(
+    context: Sequence[int], length: int, max_ngram: int = MAX_NGRAM, cap: int = 64
+) -> tuple[np.ndarray | None, int]:
+    """The lookup's first continuation [length] (the first of `continuations`; None without a match) and
+    match_length, from one scan of the context."""
     ctx = np.asarray(context, dtype=np.int64)
     for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
         occurrences = _occurrences(ctx, n)
@@ -100,8 +101,15 @@ def match_length(context: Sequence[int], max_ngram: int = MAX_NGRAM, cap: int = 
             end, m = int(occurrences[0]) + n, n  # the occurrence ends at `end`, before the context's end
             while m < min(cap, end) and ctx[end - m - 1] == ctx[-m - 1]:
                 m += 1
-            return m
-    return 0
+            return np.resize(ctx[end:], length), m
+    return None, 0
+
+
+def match_length(context: Sequence[int], max_ngram: int = MAX_NGRAM, cap: int = 64) -> int:
+    """How many of the context's last tokens the lookup's first continuation follows: the most recent
+    occurrence of the longest suffix n-gram (n <= max_ngram, as `continuations` picks it), extended back
+    while the tokens before it agree too, up to `cap`; 0 when the context has no match."""
+    return latest_continuation(context, 1, max_ngram, cap)[1]
 
 
 def continuations(
