@@ -21,6 +21,7 @@ from medusa_runtime.integrity import file_checksums
 from medusa_runtime.sidecar import (
     ArtifactSidecar,
     Checksum,
+    FileRange,
     GraphIO,
     MedusaConfig,
     ModelConfig,
@@ -225,6 +226,7 @@ def export_onnx(
             weights=quantized,
             step=step,
             checksums={name: Checksum(**c) for name, c in sums.items()},
+            read_in_place=_gathered_ranges(tmp / "model.onnx"),
         )
         (tmp / SIDECAR).write_text(json.dumps(sidecar.to_json(), indent=1))
         Artifact.load(tmp)  # the runtime's own checks, before the folder becomes visible
@@ -364,6 +366,24 @@ def _check(path: Path, inputs, outputs) -> None:
     names_out = [o.name for o in model.graph.output]
     if names_in != [s.name for s in inputs] or names_out != [s.name for s in outputs]:
         raise MedusaError(f"exported graph I/O {names_in} -> {names_out} does not match the contract")
+
+
+def _gathered_ranges(path: Path) -> tuple[FileRange, ...]:
+    """The external-data bytes of the tables the graph gathers rows from (the token embedding, its blocks'
+    scales and zero points): a CPU session reads them in place at run time (see file_pages.py)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    gathered = set()
+    for node in graph.node:
+        if node.op_type in ("Gather", "GatherBlockQuantized"):
+            gathered.update(name for i, name in enumerate(node.input) if i != 1)  # 1: the indices
+    ranges = []
+    for t in graph.initializer:
+        if t.name in gathered and t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            ranges.append(FileRange(info["location"], int(info.get("offset", 0)), int(info["length"])))
+    return tuple(sorted(ranges, key=lambda r: (r.file, r.offset)))
 
 
 def _write_commit_graph(path: Path, num_layers: int, kv_dtype: str, kv_heads: int, head_dim: int) -> None:

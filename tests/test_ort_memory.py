@@ -59,6 +59,43 @@ def test_file_pages_drops_clean_pages_and_keeps_written_ones(tmp_path):
     assert pages.release() == 0
 
 
+def _flags(address: int) -> list[str]:
+    """VmFlags of the mapping that starts at `address` (rr: MADV_RANDOM)."""
+    found = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                found = int(fields[0].split("-")[0], 16) == address
+            elif found and fields[0] == "VmFlags:":
+                return fields[1:]
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+def test_read_sparsely_advises_random_reads_on_the_mappings_of_the_ranges(tmp_path):
+    data = bytes(range(256)) * (SIZE // 256)
+    table_path, other_path = tmp_path / "table.data", tmp_path / "other.data"
+    table_path.write_bytes(data)
+    other_path.write_bytes(data)
+    table, table_at = _map(table_path)
+    other, other_at = _map(other_path)
+    pages = FilePages([table_path, other_path])
+    pages.release()
+    ranges = [(table_path, mmap.PAGESIZE, 3 * mmap.PAGESIZE), (tmp_path / "missing.data", 0, 1)]
+    assert pages.read_sparsely(ranges) == 1
+    assert "rr" in _flags(table_at) and "rr" not in _flags(other_at)
+    assert table[:] == data and other[:] == data  # read back from the file
+    table.close()
+    other.close()
+
+
+def test_ort_cpu_reads_the_gathered_table_sparsely(tiny_artifact):
+    from medusa_runtime.api import MedusaRuntime
+
+    rt = MedusaRuntime.open(tiny_artifact("tiny-gemma3"))
+    assert any("rr" in _flags(start) for start, _ in rt.backend.file_pages.ranges)  # the embedding's
+
+
 def test_ort_cpu_releases_mapped_weights_without_changing_tokens(tiny_artifact):
     from conftest import PROMPTS
     from medusa_runtime.api import MedusaRuntime

@@ -162,6 +162,25 @@ def test_runtime_plain_and_random_heads_equal_base_greedy(tiny_base, tiny_artifa
             assert rt.generate(ids, 30).token_ids == hf_greedy(base, ids, 30).tokens
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_chunked_prefill_equals_base_greedy(tiny_base, tiny_artifact, name):
+    """A prompt in pieces (each attending to the cache so far, sliding windows across the cuts; ort-cpu cuts
+    at 512 tokens) gives transformers' greedy text over the whole prompt."""
+    from medusa_export.bench import TimedBackend
+
+    base = tiny_base(name)
+    rt = MedusaRuntime.open(tiny_artifact(name), tree="tree16")
+    assert rt.backend.prefill_chunk == 512
+    rt.backend.prefill_chunk = 3
+    rt.backend = timed = TimedBackend(rt.backend)
+    for prompt in PROMPTS:
+        ids = rt.encode(prompt)
+        timed.forward_tokens.clear()
+        assert rt.generate(ids, 30).token_ids == hf_greedy(base, ids, 30).tokens
+        pieces = [3] * (len(ids) // 3) + [len(ids) % 3] * (len(ids) % 3 > 0)
+        assert timed.forward_tokens[: len(pieces)] == pieces
+
+
 def test_streaming_yields_the_same_text_and_honours_stop(tiny_artifact):
     rt = MedusaRuntime.open(tiny_artifact("tiny-llama"), tree="tree8")
     whole = rt.generate(PROMPTS[0], 40)

@@ -73,6 +73,8 @@ def test_exported_sidecar_is_typed_and_round_trips(tiny):
     assert set(side.checksums) == set(side.file_names()) and side.weights is None and side.step is None
     assert side.default_trees == {"cpu": side.default_tree, "gpu": side.default_tree}
     assert art.path("commit") == folder / "kv_commit.onnx"
+    table = side.model.vocab_size * side.model.hidden_size * 4  # fp32 embedding: the one gathered tensor
+    assert [(r.file, r.length) for r in side.read_in_place] == [("model.onnx.data", table)]
     assert ArtifactSidecar.from_json(side.to_json(), "again") == side
 
 
@@ -123,6 +125,9 @@ def _set(path: str, value):
             ["files.step"],
         ),
         (_set("tokenizer/eos_token_ids", [1.5]), ["tokenizer.eos_token_ids must be a list of token ids"]),
+        (_set("read_in_place/0/offset", 10**9), ["read_in_place names bytes outside the external data"]),
+        (_set("read_in_place/0/file", "model.onnx"), ["read_in_place names bytes outside the external data"]),
+        (_set("read_in_place/0/length", "8"), ["read_in_place[0].length must be a positive integer"]),
     ],
 )
 def test_bad_sidecars_are_one_line_errors_naming_the_key(tiny, edit, fragments):

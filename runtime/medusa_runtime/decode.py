@@ -45,13 +45,17 @@ def accepted_by_source(steps: Iterable[Step]) -> Counter:
 
 
 def prefill(backend: Backend, prompt: list[int], window: int | None) -> StepOutput:
+    """The prompt into the cache, in pieces of at most backend.prefill_chunk tokens (all at once when 0),
+    each attending to the pieces before it; the output is the last piece's, at the prompt's last token."""
     backend.reset()
-    t = len(prompt)
-    positions = np.arange(t, dtype=np.int64)
-    masks = step_masks(0, positions, causal(t), window)
-    return backend.forward(
-        np.asarray(prompt, dtype=np.int64), positions, masks, np.array([t - 1]), keep_all=True
-    )
+    ids = np.asarray(prompt, dtype=np.int64)
+    step = backend.prefill_chunk or len(ids)
+    for start in range(0, len(ids), step):
+        t = min(step, len(ids) - start)
+        positions = np.arange(start, start + t, dtype=np.int64)
+        masks = step_masks(start, positions, causal(t), window)
+        out = backend.forward(ids[start : start + t], positions, masks, np.array([t - 1]), keep_all=True)
+    return out
 
 
 def lookup(tree: TreeBuffers, context: list[int], heads: np.ndarray | None = None) -> tuple[np.ndarray, int]:

@@ -5,6 +5,14 @@ some in place, like the 8-bit embedding table of a quantized artifact: each new 
 (with its neighbours: the kernel's fault-around), so over many prompts the table's resident share only
 grows. Dropping a page that was never written loses nothing: the next read maps it again from the page
 cache. Linux only (/proc/self/maps, madvise); elsewhere FilePages finds nothing and releases nothing.
+
+A fault may map more than its page. Around it the kernel maps whatever neighbours sit in the page cache (up
+to 64 KiB), and on kernels with large page-cache folios (ext4 since Linux 6.16) a whole folio: a file written
+in one large write, as an export writes its weights, sits in the cache in folios of up to 2 MiB. There a
+688-token prefill left 123 MiB of gemma3-270m's 4-bit table resident instead of 8 (BENCHMARKS.md, round 10).
+So `read_sparsely` drops the gathered tables' bytes from the page cache once (after writing back any not yet
+written) and marks their mappings MADV_RANDOM: each row then comes back alone, in small folios, read on
+demand.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import ctypes
 import ctypes.util
 import os
 
-MADV_DONTNEED = 4  # Linux
+MADV_RANDOM, MADV_DONTNEED = 1, 4  # Linux
 
 
 def _file_ids(paths) -> set[tuple[int, int, int]]:
@@ -108,3 +116,32 @@ class FilePages:
             self._madvise(start, end - start, MADV_DONTNEED)
             done += 1
         return done
+
+    def read_sparsely(self, ranges) -> int:
+        """Drop the file bytes `ranges` ((path, offset, length): tables read in place, a few rows at a time)
+        from the page cache and advise random reads on the mappings that hold them; returns how many. Call it
+        after release(): pages still mapped here stay in the cache."""
+        if not self.keys or not hasattr(os, "posix_fadvise"):
+            return 0
+        wanted = []
+        for path, offset, length in ranges:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                os.fdatasync(fd)  # dirty pages (a fresh export's) cannot be dropped
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            wanted.append((st.st_ino, offset, offset + length))
+        advised = 0
+        for start, end, offset, inode in self.keys & _mapped(self.ids):
+            first = int(offset, 16)
+            if any(i == inode and a < first + end - start and first < b for i, a, b in wanted):
+                self._madvise(start, end - start, MADV_RANDOM)
+                advised += 1
+        return advised

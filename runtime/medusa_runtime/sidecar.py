@@ -260,11 +260,25 @@ class Checksum(_Section):
 
 
 @dataclass(frozen=True)
+class FileRange(_Section):
+    """Bytes of a weight file that a CPU session reads in place at run time (a gathered table: the token
+    embedding), as opposed to weights read once while the session is made."""
+
+    file: str
+    offset: int
+    length: int
+
+    @classmethod
+    def from_json(cls, o: _Obj) -> FileRange:
+        return cls(o.str("file"), o.int("offset", least=0), o.int("length"))
+
+
+@dataclass(frozen=True)
 class ArtifactSidecar:
     """artifact.json: what an artifact folder holds and what the runtime checks and plans with."""
 
     FORMAT: ClassVar[str] = "medusa-export/1"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("default_trees", "weights", "step")  # not written when empty
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("default_trees", "weights", "step", "read_in_place")  # omitted when empty
 
     model: ModelConfig
     medusa: MedusaConfig
@@ -281,6 +295,7 @@ class ArtifactSidecar:
     weights: dict[str, Any] | None = None  # the quantization report (medusa_export.quantize), if quantized
     step: StepSection | None = None
     checksums: dict[str, Checksum] = field(default_factory=dict)  # file name -> size and SHA-256
+    read_in_place: tuple[FileRange, ...] = ()  # model.onnx's gathered tables in its external data
 
     def file_names(self) -> list[str]:
         """Every file the sidecar names: the files' roles, then the external data."""
@@ -327,6 +342,7 @@ class ArtifactSidecar:
             weights=o.optional("weights", lambda w: w.value),
             step=o.optional("step", StepSection.from_json),
             checksums=_checksums(o),
+            read_in_place=o.objs("read_in_place", FileRange.from_json) if "read_in_place" in o.value else (),
         )
         side._cross_check(o)
         return side
@@ -351,6 +367,9 @@ class ArtifactSidecar:
             raise MedusaError(f"{where}: files.step and the step section must come together")
         if set(self.checksums) != set(self.file_names()):
             raise MedusaError(f"{where} records no checksums for its files: export the artifact again")
+        for r in self.read_in_place:
+            if r.file not in self.external_data or r.offset + r.length > self.checksums[r.file].bytes:
+                raise MedusaError(f"{where}: read_in_place names bytes outside the external data: {r}")
 
 
 def _checksums(o: _Obj) -> dict[str, Checksum]:

@@ -25,6 +25,7 @@ class Backend(ABC):
 
     length: int = 0
     capacity: int
+    prefill_chunk: int = 0  # a prompt goes in pieces of at most this many tokens (0: all at once)
 
     def reset(self) -> None:
         self.length = 0

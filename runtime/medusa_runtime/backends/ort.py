@@ -9,7 +9,8 @@ in host memory (nothing to move for a root-first prefix, i.e. any accepted chain
 its 2 x layers x 2 bindings a step. Only input ids, masks and the argmax/top-k ids travel between host
 and device. On the CPU, the weights ONNX Runtime reads in place from the mapped model.onnx.data (the
 embedding table) are released before each prefill (FilePages): a process serving many prompts otherwise
-keeps every embedding row any prompt touched resident.
+keeps every embedding row any prompt touched resident; and the sidecar's read_in_place bytes are read
+sparsely (FilePages.read_sparsely), so that a row's fault maps that row, not a 2 MiB folio around it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
 # (1.32, MLAS) MatMulNBits is bitwise the one-row product; from 17, even row 0 differs
 # (tests/test_cpu_step.py::test_verify_rows_equal_plain_steps_real).
 QUANTIZED_CPU_ROWS = 16
+# A prompt goes into a CPU session in pieces of this many tokens: a long prompt's activations (the attention
+# scores grow with its square) and masks stay small. 1,513 tokens, 4-bit gemma3-270m: peak RSS 794 -> 636
+# MiB, prefill time within 3% (BENCHMARKS.md, round 10).
+CPU_PREFILL_CHUNK = 512
 
 
 def bind_token_inputs(io, input_ids, positions, masks, rows) -> None:
@@ -147,6 +152,7 @@ class OrtBackend(Backend):
         n = 2 * self.num_layers
         self.cache = [alloc(self.capacity) for _ in range(n)]
         self.in_place = device == "cpu"  # a tree's KV into the cache itself (host memory), see commit()
+        self.prefill_chunk = CPU_PREFILL_CHUNK if device == "cpu" else 0
         self.scratch = [] if self.in_place else [alloc(max_nodes) for _ in range(n)]
         self.elem = contract.ONNX_ELEM[self.kv_dtype]
         self.cache_ptrs = [v.data_ptr() for v in self.cache]
@@ -171,6 +177,9 @@ class OrtBackend(Backend):
         self.file_pages = FilePages(weight_files, before=mapped_before) if release_pages else None
         if self.file_pages is not None:
             self.file_pages.release()
+            self.file_pages.read_sparsely(
+                [(artifact.folder / r.file, r.offset, r.length) for r in artifact.sidecar.read_in_place]
+            )
 
     def reset(self) -> None:
         """A new sequence: drop the mapped weights' pages the last one faulted in (see FilePages)."""
