@@ -1,9 +1,9 @@
-"""Time the adaptive chain's weak-match rule (adaptive.WEAK_MATCH) on and off, with plain decoding, in one
-process on one artifact: variants interleaved per prompt (order reversed every other run), median of runs,
-outputs checked equal to plain decoding's.
+"""Time the adaptive chain's weak-match rule (adaptive.WEAK_MATCH) on and off, or trees (--trees), with plain
+decoding, in one process on one artifact: variants interleaved per prompt (order reversed every other run),
+median of runs, outputs checked equal to plain decoding's.
 
     python scripts/chain_policy_ab.py ARTIFACT [--prompts data/specbench_dev.jsonl] [--skip 0] [--per-category 1]
-        [--max-new-tokens 64] [--runs 3] [--threads 2]
+        [--max-new-tokens 64] [--runs 3] [--threads 2] [--trees chain0+lookupauto12,chain0+lookupauto15]
 
 --skip S --per-category N takes prompts S .. S+N-1 of every category (prompts held out from a choice).
 Prints per variant: median tok/s over prompts (each prompt's median over runs),
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trees", help="comma-separated trees to compare instead of the weak-match rule on/off")
     args = ap.parse_args()
 
     from medusa_export.bench import TimedBackend
@@ -46,23 +47,29 @@ def main() -> None:
         seen[row["category"]] += 1
         if seen[row["category"]] > args.skip:
             picked.append(row)
-    medusa = MedusaRuntime.open(args.artifact, threads=args.threads)
     plain = MedusaRuntime.open(args.artifact, medusa=False, threads=args.threads)
     weak = adaptive.WEAK_MATCH
-    variants = {f"weak_match={weak}": (medusa, weak), "weak_match=0": (medusa, 0), "plain": (plain, weak)}
+    if args.trees:
+        runtimes = [MedusaRuntime.open(args.artifact, threads=args.threads, tree=t) for t in args.trees.split(",")]
+        variants = {rt.tree_name: (rt, weak) for rt in runtimes}
+    else:
+        medusa = MedusaRuntime.open(args.artifact, threads=args.threads)
+        runtimes = [medusa]
+        variants = {f"weak_match={weak}": (medusa, weak), "weak_match=0": (medusa, 0)}
+    variants["plain"] = (plain, weak)
     print(
-        f"{args.artifact}: tree {medusa.tree_name}, {len(picked)} prompts x {args.max_new_tokens} tokens, "
-        f"{args.runs} runs",
+        f"{args.artifact}: trees {', '.join(rt.tree_name for rt in runtimes)}, {len(picked)} prompts x "
+        f"{args.max_new_tokens} tokens, {args.runs} runs",
         flush=True,
     )
     times: dict[str, dict[int, list[float]]] = {v: defaultdict(list) for v in variants}
     counts: dict[str, list[tuple[int, int, int]]] = {v: [] for v in variants}  # tokens, verify steps, rows
-    for rt in (medusa, plain):  # counts each forward's tokens
+    for rt in (*runtimes, plain):  # counts each forward's tokens
         rt.backend = TimedBackend(rt.backend)
-    medusa.generate("Warm up.", 8), plain.generate("Warm up.", 8)
+        rt.generate("Warm up.", 8)
     for run in range(args.runs):
         for i, row in enumerate(picked):
-            ids = medusa.encode(row["prompt"])
+            ids = plain.encode(row["prompt"])
             outputs = {}
             order = list(variants) if (run + i) % 2 == 0 else list(variants)[::-1]
             for name in order:
@@ -75,7 +82,8 @@ def main() -> None:
                 times[name][i].append(len(result.token_ids) / (time.perf_counter() - start))
                 outputs[name] = result.token_ids
                 if run == 0:
-                    counts[name].append((len(result.token_ids) - 1, len(sizes) - 1, sum(sizes[1:])))
+                    # the prompt's forwards (one per prefill piece) hold len(ids) tokens; then a forward a step
+                    counts[name].append((len(result.token_ids) - 1, len(result.steps) - 1, sum(sizes) - len(ids)))
             adaptive.WEAK_MATCH = weak
             if len(set(map(tuple, outputs.values()))) != 1:
                 raise SystemExit(f"prompt {i}: the variants' outputs differ")
@@ -85,7 +93,7 @@ def main() -> None:
         per_prompt = statistics.median(statistics.median(v) for v in times[name].values())
         tokens, steps, rows_ = (sum(c[j] for c in counts[name]) for j in range(3))
         print(
-            f"{name:14s} {per_prompt:7.1f} tok/s (median over prompts)  {per_prompt / base:5.2f}x plain  "
+            f"{name:22s} {per_prompt:7.1f} tok/s (median over prompts)  {per_prompt / base:5.2f}x plain  "
             f"{tokens / steps:5.2f} tokens/step  {rows_ / steps:5.2f} rows/step"
         )
     print("outputs: every variant = plain decoding on every prompt")

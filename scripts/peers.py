@@ -10,7 +10,8 @@ Every system gets the same prompt token ids (the artifact's tokenizer, BOS inclu
 --max-new-tokens tokens greedily (past EOS: Medusa/plain with EOS switched off, GenAI with its EOS set to an
 unused id, llama.cpp's raw generator). Each system lives in its own worker process (so that its peak RSS is
 its own); the parent runs the prompts interleaved (prompt i: every system in turn, --runs times, the order
-rotated each run) and reports the median tokens/s over prompts of each system's per-prompt median, peak
+rotated each run) and reports the median tokens/s over prompts of each system's per-prompt median, the same
+after the first token (n - 1 tokens over the time from the first token to the last: the prefill left out), peak
 RSS, Medusa's cold start (MedusaRuntime.open to first token, in a fresh process), and how often each
 system's tokens equal the artifact's plain decoding.
 
@@ -169,7 +170,12 @@ class _Medusa:
         return self.open_s + time.perf_counter() - start
 
     def generate(self, ids: list[int], n: int) -> list[int]:
-        return self.rt.generate(ids, n).token_ids
+        out = []
+        for step in self.rt.steps(ids, n):
+            if not out:
+                self.first_at = time.perf_counter()
+            out += step.tokens
+        return out
 
 
 class _GenAI:
@@ -195,6 +201,8 @@ class _GenAI:
         while len(out) < n:
             gen.generate_next_token()
             out.append(int(gen.get_next_tokens()[0]))
+            if len(out) == 1:
+                self.first_at = time.perf_counter()
         return out
 
 
@@ -210,6 +218,8 @@ class _LlamaCpp:
         out = []
         for tok in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
             out.append(int(tok))
+            if len(out) == 1:
+                self.first_at = time.perf_counter()
             if len(out) >= n:
                 break
         return out
@@ -245,8 +255,8 @@ def worker(conn, system: str, spec: dict) -> None:
             break
         ids, n = msg
         start = time.perf_counter()
-        tokens = impl.generate(ids, n)
-        conn.send({"seconds": time.perf_counter() - start, "tokens": tokens})
+        tokens = impl.generate(ids, n)  # sets impl.first_at: when its first token came
+        conn.send({"seconds": time.perf_counter() - start, "first_s": impl.first_at - start, "tokens": tokens})
     conn.send({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
@@ -362,20 +372,24 @@ def main() -> None:
     for system in systems:
         conns[system].send((prompts[0][1][:32], 8))
         conns[system].recv()
-    results = {s: [] for s in systems}  # per prompt: list of seconds
+    results = {s: [] for s in systems}  # per prompt: median seconds
+    decode = {s: [] for s in systems}  # per prompt: median tok/s after the first token (the prefill's)
     tokens = {s: [] for s in systems}
     for i, (cat, ids) in enumerate(prompts):
         times = {s: [] for s in systems}
+        after_first = {s: [] for s in systems}
         for r in range(args.runs):
             order = systems[r % len(systems) :] + systems[: r % len(systems)]
             for system in order:
                 conns[system].send((ids, n))
                 reply = conns[system].recv()
                 times[system].append(reply["seconds"])
+                after_first[system].append((n - 1) / (reply["seconds"] - reply["first_s"]))
                 if r == 0:
                     tokens[system].append(reply["tokens"])
         for system in systems:
             results[system].append(statistics.median(times[system]))
+            decode[system].append(statistics.median(after_first[system]))
         line = ", ".join(f"{s} {n / results[s][-1]:.1f}" for s in systems)
         log(f"prompt {i + 1}/{len(prompts)} ({cat}, {len(ids)} tokens): tok/s {line}")
     for system in systems:
@@ -402,6 +416,7 @@ def main() -> None:
         entry = {
             "tokens_per_s_median": statistics.median(tps),
             "tokens_per_s_p25_p75": [q[0], q[2]],
+            "decode_tokens_per_s_median": statistics.median(decode[system]),
             "peak_rss_mib": info[system].get("peak_rss_mib"),
         }
         if "cold_start_s" in info[system]:
@@ -418,13 +433,18 @@ def main() -> None:
         eq = f", = plain on {e['prompts_equal_to_plain']}" if "prompts_equal_to_plain" in e else ""
         print(
             f"  {system:9s} {e['tokens_per_s_median']:7.1f} tok/s (p25-p75 {e['tokens_per_s_p25_p75'][0]:.1f}-"
-            f"{e['tokens_per_s_p25_p75'][1]:.1f}), peak RSS {e['peak_rss_mib']:.0f} MiB{extra}{eq}"
+            f"{e['tokens_per_s_p25_p75'][1]:.1f}), after the first token {e['decode_tokens_per_s_median']:.1f} "
+            f"tok/s, peak RSS {e['peak_rss_mib']:.0f} MiB{extra}{eq}"
         )
     med = {s: e["tokens_per_s_median"] for s, e in summary["systems"].items()}
+    after = {s: e["decode_tokens_per_s_median"] for s, e in summary["systems"].items()}
     for ours in ("medusa", "lookup"):
         for peer in ("plain", "genai", "llamacpp"):
             if ours in med and peer in med:
-                print(f"  {ours} / {peer}: {med[ours] / med[peer]:.2f}x")
+                print(
+                    f"  {ours} / {peer}: {med[ours] / med[peer]:.2f}x "
+                    f"(after the first token: {after[ours] / after[peer]:.2f}x)"
+                )
 
 
 if __name__ == "__main__":
