@@ -3,13 +3,16 @@ its cold start (MedusaRuntime.open to the first token).
 
     python scripts/rss_probe.py ARTIFACT [--prompts docs/cpu-runs/round5/prompts-52.jsonl] [--per-category N]
         [--limit N] [--max-new-tokens 64] [--methods medusa,plain] [--rounds 1] [--backend ort-cpu]
-        [--threads N] [--tree NAME] [--keep-pages] [--json FILE]
+        [--min-prompt-tokens N] [--threads N] [--tree NAME] [--prefill-chunk N] [--keep-pages] [--dense-reads]
+        [--json FILE]
 
 Opens ARTIFACT once (only the runtime: no torch, no transformers), times open -> first token, then
 generates --max-new-tokens tokens for every prompt (EOS off, so every prompt runs the same number of
 tokens) with each method in turn, prompt by prompt (medusa: the artifact's default tree; plain: the same
 backend with the root-only tree), and prints after every generation the process's resident memory now
-(VmRSS), its peak so far (VmHWM, = ru_maxrss), glibc's heap (in use / free), and tok/s. `--keep-pages`
+(VmRSS), its peak so far (VmHWM, = ru_maxrss), glibc's heap (in use / free), and tok/s. `--dense-reads`
+turns off the ort-cpu backend's sparse reading of the embedding table (FilePages.read_sparsely);
+`--prefill-chunk N` sets the size of its prompt pieces (0: the whole prompt at once). `--keep-pages`
 turns off the ort-cpu backend's release of mapped weight pages (runtime/medusa_runtime/file_pages.py).
 """
 
@@ -113,6 +116,9 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--tree")
     p.add_argument("--keep-pages", action="store_true", help="ort-cpu: release_pages=False")
+    p.add_argument("--dense-reads", action="store_true", help="ort-cpu: no FilePages.read_sparsely")
+    p.add_argument("--prefill-chunk", type=int, help="prompt pieces of N tokens (0: all at once)")
+    p.add_argument("--min-prompt-tokens", type=int, default=0)
     p.add_argument("--json", help="write every row here")
     p.add_argument(
         "--ab-release",
@@ -130,6 +136,10 @@ def main() -> None:
     options = {}
     if args.threads:
         options["threads"] = args.threads
+    if args.dense_reads:
+        from medusa_runtime.file_pages import FilePages
+
+        FilePages.read_sparsely = lambda self, ranges: 0
     if args.keep_pages:
         options["release_pages"] = False
     print(f"[rss] before open: {snapshot()}", flush=True)
@@ -139,6 +149,8 @@ def main() -> None:
     after_open = snapshot()
     maps_open = smaps()
     rt.eos = set()  # every prompt generates exactly max_new_tokens
+    if args.prefill_chunk is not None:
+        rt.backend.prefill_chunk = args.prefill_chunk
     first = rt.generate("Hello", 1)
     cold = time.perf_counter() - start
     print(
@@ -151,6 +163,10 @@ def main() -> None:
     runtimes = {"medusa": rt, "plain": plain}
     methods = args.methods.split(",")
     encoded = [rt.encode(q["prompt"]) for q in prompts]
+    kept = [(q, ids) for q, ids in zip(prompts, encoded) if len(ids) >= args.min_prompt_tokens]
+    if not kept:
+        raise SystemExit(f"rss_probe: no prompt has {args.min_prompt_tokens} tokens")
+    prompts, encoded = zip(*kept)
     if args.ab_release:
         return ab_release(rt, encoded, args)
     rows, total = [], len(prompts) * len(methods) * args.rounds
@@ -189,6 +205,8 @@ def main() -> None:
     summary = {
         "artifact": args.artifact,
         "release_pages": not args.keep_pages,
+        "sparse_reads": not args.dense_reads,
+        "prefill_chunk": rt.backend.prefill_chunk,
         "tree": rt.tree_name,
         "prompts": len(prompts),
         "max_prompt_tokens": max(map(len, encoded)),
