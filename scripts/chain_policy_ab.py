@@ -50,7 +50,9 @@ def main() -> None:
     plain = MedusaRuntime.open(args.artifact, medusa=False, threads=args.threads)
     weak = adaptive.WEAK_MATCH
     if args.trees:
-        runtimes = [MedusaRuntime.open(args.artifact, threads=args.threads, tree=t) for t in args.trees.split(",")]
+        runtimes = [
+            MedusaRuntime.open(args.artifact, threads=args.threads, tree=t) for t in args.trees.split(",")
+        ]
         variants = {rt.tree_name: (rt, weak) for rt in runtimes}
     else:
         medusa = MedusaRuntime.open(args.artifact, threads=args.threads)
@@ -83,7 +85,9 @@ def main() -> None:
                 outputs[name] = result.token_ids
                 if run == 0:
                     # the prompt's forwards (one per prefill piece) hold len(ids) tokens; then a forward a step
-                    counts[name].append((len(result.token_ids) - 1, len(result.steps) - 1, sum(sizes) - len(ids)))
+                    counts[name].append(
+                        (len(result.token_ids) - 1, len(result.steps) - 1, sum(sizes) - len(ids))
+                    )
             adaptive.WEAK_MATCH = weak
             if len(set(map(tuple, outputs.values()))) != 1:
                 raise SystemExit(f"prompt {i}: the variants' outputs differ")

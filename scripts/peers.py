@@ -256,7 +256,9 @@ def worker(conn, system: str, spec: dict) -> None:
         ids, n = msg
         start = time.perf_counter()
         tokens = impl.generate(ids, n)  # sets impl.first_at: when its first token came
-        conn.send({"seconds": time.perf_counter() - start, "first_s": impl.first_at - start, "tokens": tokens})
+        conn.send(
+            {"seconds": time.perf_counter() - start, "first_s": impl.first_at - start, "tokens": tokens}
+        )
     conn.send({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 

@@ -278,7 +278,8 @@ class ArtifactSidecar:
     """artifact.json: what an artifact folder holds and what the runtime checks and plans with."""
 
     FORMAT: ClassVar[str] = "medusa-export/1"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("default_trees", "weights", "step", "read_in_place")  # omitted when empty
+    # not written when empty
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("default_trees", "weights", "step", "read_in_place")
 
     model: ModelConfig
     medusa: MedusaConfig
@@ -369,7 +370,10 @@ class ArtifactSidecar:
             raise MedusaError(f"{where} records no checksums for its files: export the artifact again")
         for r in self.read_in_place:
             if r.file not in self.external_data or r.offset + r.length > self.checksums[r.file].bytes:
-                raise MedusaError(f"{where}: read_in_place names bytes outside the external data: {r}")
+                raise MedusaError(
+                    f"{where}: read_in_place names bytes outside the external data: {r.file} "
+                    f"[{r.offset}, {r.offset + r.length})"
+                )
 
 
 def _checksums(o: _Obj) -> dict[str, Checksum]:
