@@ -3,7 +3,7 @@
 # staged onto it first (this workplace stages them as wheels; elsewhere: pip install -e ".[gpu]").
 # Run from the repo root on the GPU host after the staged wheels are installed into /tmp/site:
 #   bash scripts/gpu.sh SUBCOMMAND [options]; this round: train, prepare, gqa, validate-fp32, validate-lookup, step,
-#   speed, lookup, serve, simulate   (logs and results go to $OUT)
+#   speed, lookup, serve, simulate, heads-ab   (logs and results go to $OUT)
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD:$PWD/runtime HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -61,6 +61,12 @@ case "$1" in
       [ -f "$a/artifact.json" ] || cli onnx gemma3-270m --heads "$HEADS" --dtype $d --out "$a" --max-seq 2048 \
         --default-tree "$TREE+lookup2x8" --draft-vocab "${DRAFT:-8192}" --gpu-step $plain 2>&1 | tail -3
     done ;;
+  heads-ab)  # HEADS_B [PER_CATEGORY]: bf16 fused-step artifacts of HEADS and HEADS_B, each with its own TREE +
+             # lookup 2x8, their Medusa decoding timed interleaved on the CUDA-graph step (bench --compare)
+    for h in "$HEADS" "$2"; do HEADS=$h ART="$ART/$(basename "$h")" DTYPES=bf16 bash "$0" prepare; done
+    cli bench "$ART/$(basename "$HEADS")/gemma3-270m-bf16-step" --compare "$ART/$(basename "$2")/gemma3-270m-bf16-step" \
+      --prompts "$PROMPTS" --backend ort-cuda-graph --per-category "${3:-4}" --max-new-tokens 64 --runs 3 --no-hf \
+      --out "$OUT/bench-heads-ab.json" 2>&1 | tee "$OUT/bench-heads-ab.log" ;;
   validate-fp32)  # N: fp32 token identity on the GPU (TF32 off), host loop and fused CUDA-graph step
     python3 -c "
 import onnxruntime as ort; ort.preload_dlls()
