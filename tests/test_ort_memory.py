@@ -16,17 +16,26 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/p
 SIZE = 64 * mmap.PAGESIZE
 
 
-def _resident_kib(address: int) -> int:
-    """Rss of the mapping that starts at `address` (/proc/self/smaps)."""
+def _smaps_field(address: int, field: str) -> list[str]:
+    """Values of `field` ("Rss:", "VmFlags:") of the mapping starting at `address` (/proc/self/smaps)."""
     found = False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             fields = line.split()
             if "-" in fields[0] and not fields[0].endswith(":"):
                 found = int(fields[0].split("-")[0], 16) == address
-            elif found and fields[0] == "Rss:":
-                return int(fields[1])
+            elif found and fields[0] == field:
+                return fields[1:]
     raise AssertionError(f"no mapping at {address:#x}")
+
+
+def _resident_kib(address: int) -> int:
+    return int(_smaps_field(address, "Rss:")[0])
+
+
+def _flags(address: int) -> list[str]:
+    """VmFlags of the mapping at `address` (rr: MADV_RANDOM)."""
+    return _smaps_field(address, "VmFlags:")
 
 
 def _map(path):
@@ -57,19 +66,6 @@ def test_file_pages_drops_clean_pages_and_keeps_written_ones(tmp_path):
     assert written[5] == 0 and written[6] == 6
     clean.close()  # unmapped: its addresses may serve something else now, never released again
     assert pages.release() == 0
-
-
-def _flags(address: int) -> list[str]:
-    """VmFlags of the mapping that starts at `address` (rr: MADV_RANDOM)."""
-    found = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):
-                found = int(fields[0].split("-")[0], 16) == address
-            elif found and fields[0] == "VmFlags:":
-                return fields[1:]
-    raise AssertionError(f"no mapping at {address:#x}")
 
 
 def test_read_sparsely_advises_random_reads_on_the_mappings_of_the_ranges(tmp_path):

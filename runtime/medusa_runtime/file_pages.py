@@ -123,21 +123,24 @@ class FilePages:
         after release(): pages still mapped here stay in the cache."""
         if not self.keys or not hasattr(os, "posix_fadvise"):
             return 0
-        wanted = []
+        by_file: dict[str, list[tuple[int, int]]] = {}
         for path, offset, length in ranges:
+            by_file.setdefault(str(path), []).append((offset, offset + length))
+        wanted = []  # (inode, first byte, end)
+        for path, spans in by_file.items():
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
             try:
-                st = os.fstat(fd)
                 os.fdatasync(fd)  # dirty pages (a fresh export's) cannot be dropped
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+                for a, b in spans:
+                    os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_DONTNEED)
+                wanted += [(os.fstat(fd).st_ino, a, b) for a, b in spans]
             except OSError:
-                continue
+                pass
             finally:
                 os.close(fd)
-            wanted.append((st.st_ino, offset, offset + length))
         advised = 0
         for start, end, offset, inode in self.keys & _mapped(self.ids):
             first = int(offset, 16)
