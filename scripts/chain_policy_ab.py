@@ -1,5 +1,5 @@
-"""Time the adaptive chain's weak-match rule (adaptive.WEAK_MATCH) on and off, or trees (--trees), with plain
-decoding, in one process on one artifact: variants interleaved per prompt (order reversed every other run),
+"""Time the adaptive chain's policy (adaptive.POLICY, the heads' probabilities used) against round 9's
+(adaptive.MATCH_ONLY, the context's match alone), or trees (--trees), with plain decoding, in one process on one artifact: variants interleaved per prompt (order reversed every other run),
 median of runs, outputs checked equal to plain decoding's.
 
     python scripts/chain_policy_ab.py ARTIFACT [--prompts data/specbench_dev.jsonl] [--skip 0] [--per-category 1]
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--trees", help="comma-separated trees to compare instead of the weak-match rule on/off")
+    ap.add_argument("--trees", help="comma-separated trees to compare instead of the two policies")
     args = ap.parse_args()
 
     from medusa_export.bench import TimedBackend
@@ -48,17 +48,17 @@ def main() -> None:
         if seen[row["category"]] > args.skip:
             picked.append(row)
     plain = MedusaRuntime.open(args.artifact, medusa=False, threads=args.threads)
-    weak = adaptive.WEAK_MATCH
+    policy = adaptive.POLICY
     if args.trees:
         runtimes = [
             MedusaRuntime.open(args.artifact, threads=args.threads, tree=t) for t in args.trees.split(",")
         ]
-        variants = {rt.tree_name: (rt, weak) for rt in runtimes}
+        variants = {rt.tree_name: (rt, policy) for rt in runtimes}
     else:
         medusa = MedusaRuntime.open(args.artifact, threads=args.threads)
         runtimes = [medusa]
-        variants = {f"weak_match={weak}": (medusa, weak), "weak_match=0": (medusa, 0)}
-    variants["plain"] = (plain, weak)
+        variants = {"heads' probabilities": (medusa, policy), "match only": (medusa, adaptive.MATCH_ONLY)}
+    variants["plain"] = (plain, policy)
     print(
         f"{args.artifact}: trees {', '.join(rt.tree_name for rt in runtimes)}, {len(picked)} prompts x "
         f"{args.max_new_tokens} tokens, {args.runs} runs",
@@ -75,8 +75,7 @@ def main() -> None:
             outputs = {}
             order = list(variants) if (run + i) % 2 == 0 else list(variants)[::-1]
             for name in order:
-                rt, rule = variants[name]
-                adaptive.WEAK_MATCH = rule
+                rt, adaptive.POLICY = variants[name]
                 sizes = rt.backend.forward_tokens
                 sizes.clear()
                 start = time.perf_counter()
@@ -88,7 +87,7 @@ def main() -> None:
                     counts[name].append(
                         (len(result.token_ids) - 1, len(result.steps) - 1, sum(sizes) - len(ids))
                     )
-            adaptive.WEAK_MATCH = weak
+            adaptive.POLICY = policy
             if len(set(map(tuple, outputs.values()))) != 1:
                 raise SystemExit(f"prompt {i}: the variants' outputs differ")
         print(f"run {run + 1}/{args.runs} done", flush=True)

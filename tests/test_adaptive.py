@@ -11,10 +11,13 @@ from conftest import PROMPTS, OracleDrafter
 from medusa_runtime.adaptive import (
     LENGTH_BY_MATCH,
     LONG_MATCH,
-    WEAK_MATCH,
+    MATCH_ONLY,
+    POLICY,
+    ChainPolicy,
     chain_length,
     chain_prefixes,
     chain_step,
+    heads_length,
 )
 from medusa_runtime.api import MedusaRuntime
 from medusa_runtime.lookup import AUTO_LENGTH, lookup_name, lookup_plan, match_length, parse_lookup
@@ -104,8 +107,9 @@ def test_chain_length_follows_the_match() -> None:
 def test_the_adaptive_chains_are_prefixes_of_the_tree_chain() -> None:
     tree = with_lookup(build_tree([]), 1, 8, adaptive=True)
     prefixes = chain_prefixes(tree)
-    assert sorted(prefixes) == list(range(1, 9))
-    for n, sub in prefixes.items():
+    assert sorted(prefixes) == list(range(9))
+    assert prefixes[0].num_nodes == 1 and prefixes[0].lookup == (0, 0)  # the root alone: a plain step
+    for n, sub in list(prefixes.items())[1:]:
         assert sub.num_nodes == n + 1 and sub.lookup == (1, n) and not sub.adaptive
         assert (sub.attention_mask == tree.attention_mask[: n + 1, : n + 1]).all()
         assert (sub.position_ids == tree.position_ids[: n + 1]).all()
@@ -131,13 +135,44 @@ def test_chain_step_picks_the_lookup_or_the_heads() -> None:
     assert step([1, 2, 3, 4, 5], heads) == ([50], 0)  # no match
     assert step([1, 2, 3, 4, 5], None) == ([5], 0)
     weak = [7, 1, 2, 9, 2]  # "2" matched once, followed by 9: a weak match
-    assert WEAK_MATCH >= 1 and match_length(weak, cap=LONG_MATCH) == 1
+    assert POLICY.weak_match >= 1 and match_length(weak, cap=LONG_MATCH) == 1
     assert step(weak, _heads(9, 51, 52, 53)) == ([9, 2, 9][: LENGTH_BY_MATCH[1]], 1)  # they agree
     assert step(weak, heads) == ([50], 0)  # they disagree: the heads
     assert step(weak, None) == ([9, 2, 9][: LENGTH_BY_MATCH[1]], 1)
     passage = list(range(10, 30))
     copying = passage + [99] + passage[:LONG_MATCH]
     assert step(copying, heads) == (passage[LONG_MATCH : LONG_MATCH + 8], 1)  # a long match: never the heads
+
+
+def test_the_heads_probabilities_set_their_chain_and_overrule_short_matches() -> None:
+    """With each head's top-1 probability: the heads' chain runs while their product stays above KEEP (none:
+    the root alone); sure heads overrule a disagreeing match shorter than LONG_MATCH, never a longer one."""
+    prefixes = chain_prefixes(with_lookup(build_tree([]), 1, 8, adaptive=True))
+    heads = _heads(50, 51, 52, 53)
+
+    def step(context, confidence, policy=POLICY):
+        tree, chain, found = chain_step(prefixes, context, heads, np.array(confidence), policy)
+        assert tree is prefixes[chain.shape[1]]
+        return chain[0].tolist(), found
+
+    assert POLICY.keep == 0.4 and POLICY.confident == 0.7
+    nothing = [1, 2, 3, 4, 5]
+    assert step(nothing, [0.9, 0.8, 0.5, 0.9]) == ([50, 51], 0)  # 0.9, 0.72, then 0.36
+    assert step(nothing, [0.99, 0.99, 0.99, 0.99]) == ([50, 51, 52, 53], 0)
+    assert step(nothing, [0.3, 0.9, 0.9, 0.9]) == ([], 0)  # unsure: the root alone
+    assert step(nothing, [0.3, 0.9, 0.9, 0.9], MATCH_ONLY) == ([50], 0)  # round 9: one guess regardless
+    assert heads_length(None, 0.4, 8) == heads_length(np.ones(4), None, 8) == LENGTH_BY_MATCH[0]
+    assert heads_length(np.ones(4), 0.4, 3) == 3  # never past the tree's chain
+    short = [5, 1, 2, 3, 9, 1, 2, 3]  # a 3-token match, continued by 9
+    assert match_length(short, cap=LONG_MATCH) == 3
+    assert step(short, [0.6, 0.9, 0.9, 0.9]) == ([9, 1, 2, 3][: LENGTH_BY_MATCH[3]], 1)  # not sure enough
+    assert step(short, [0.8, 0.9, 0.2, 0.9]) == ([50, 51], 0)  # sure and disagreeing: the heads
+    assert step(short, [0.8, 0.9, 0.2, 0.9], ChainPolicy(confident=None)) == ([9, 1, 2, 3], 1)
+    passage = list(range(10, 30))
+    copying = passage + [99] + passage[:LONG_MATCH]
+    assert step(copying, [0.99] * 4) == (passage[LONG_MATCH : LONG_MATCH + 8], 1)  # a long match: never the heads
+    agreeing = [5, 1, 2, 3, 50, 1, 2, 3]
+    assert step(agreeing, [0.99] * 4) == ([50, 1, 2, 3], 1)
 
 
 # --- decoding ----------------------------------------------------------------------------------------------
@@ -173,9 +208,9 @@ def test_adaptive_chain_is_plain_greedy_and_verifies_the_chosen_length(
         context = ids + got.steps[0].tokens
         for step, size in zip(got.steps[1:], sizes[1:]):  # sizes[0]: the prefill
             matched = match_length(context, cap=LONG_MATCH)
-            # the match's length, or where a weak match gave way to the heads, the unmatched one
-            allowed = {chain_length(matched, 8)} | ({chain_length(0, 8)} if matched <= WEAK_MATCH else set())
-            assert size - 1 in allowed
+            # the match's length, or where a shorter match may give way to the heads, 0 to K of their guesses
+            heads = set(range(len(rt.backend.draft_confidence(0)) + 1)) if matched < LONG_MATCH else set()
+            assert size - 1 in {chain_length(matched, 8)} | heads
             context += step.tokens
         seen.update(sizes[1:])
     assert len(seen) > 1  # the length did change from step to step

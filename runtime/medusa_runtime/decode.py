@@ -105,9 +105,11 @@ def decode(
     rng = np.random.default_rng(seed)
     fill = heads_fill and tree.depth == 0 and tree.lookup_chains > 0  # one chain: lookup, else heads
     prefixes = chain_prefixes(tree)
+    sure = prefixes is not None and fill  # the adaptive chain asks how sure the heads are
     out = prefill(backend, prompt, window)
     token = int(out.next_tokens[-1])
     draft = out.medusa_topk[:, -1]
+    confidence = backend.draft_confidence(-1) if sure else None
     context = [*prompt, token]
     yield Step([token], ())
     while True:
@@ -117,7 +119,7 @@ def decode(
             step = tree
             found, matched = lookup(step, context, draft if fill else None)
         else:
-            step, found, matched = chain_step(prefixes, context, draft if fill else None)
+            step, found, matched = chain_step(prefixes, context, draft if fill else None, confidence)
         cand = candidates(step, token, draft, found)
         out = verify(backend, step, cand, window)
         logits = functools.cache(backend.logits)  # to the host at most once a step, only if asked for
@@ -128,6 +130,7 @@ def decode(
         token = acceptance.next_token(last, out.next_tokens, logits, rng)
         emitted = [int(t) for t in cand[nodes[1:]]] + [token]
         draft = out.medusa_topk[:, last]
+        confidence = backend.draft_confidence(last) if sure else None
         context += emitted
         source = step_source(step, last, matched) if fill else step.source(last)
         yield Step(emitted, step.path(last), source)

@@ -48,3 +48,8 @@ class Backend(ABC):
     @abstractmethod
     def logits(self) -> np.ndarray:
         """The last forward's base logits [R, V] float32, copied to the host."""
+
+    def draft_confidence(self, row: int) -> np.ndarray | None:
+        """Each head's top-1 softmax probability [K] at projected row `row` of the last forward, or None
+        where the backend does not tell (the adaptive chain then goes by the context's match alone)."""
+        return None

@@ -255,3 +255,9 @@ class OrtBackend(Backend):
 
     def logits(self):
         return self.last_outputs[LOGITS].numpy()[0]
+
+    def draft_confidence(self, row: int) -> np.ndarray:
+        """From the heads' logits of the last forward ([K, 1, R, V or N]: over the draft vocabulary when the
+        artifact has one), which stay in host memory on the CPU."""
+        logits = self.last_outputs[MEDUSA_LOGITS].numpy()[:, 0, row]
+        return 1.0 / np.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1)
