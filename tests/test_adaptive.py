@@ -214,6 +214,10 @@ def test_adaptive_chain_is_plain_greedy_and_verifies_the_chosen_length(
             context += step.tokens
         seen.update(sizes[1:])
     assert len(seen) > 1  # the length did change from step to step
+    # the heads' top-1 probabilities at a row of the last forward: the softmax of their logits there
+    logits = rt.backend.last_outputs[1].numpy()[:, 0, 0].astype(np.float64)
+    want = np.exp(logits.max(-1)) / np.exp(logits).sum(-1)
+    np.testing.assert_allclose(rt.backend.draft_confidence(0), want, rtol=1e-5)
 
 
 def test_adaptive_chain_without_heads_and_with_typical_acceptance(tiny_artifact) -> None:
