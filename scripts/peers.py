@@ -13,7 +13,9 @@ its own); the parent runs the prompts interleaved (prompt i: every system in tur
 rotated each run) and reports the median tokens/s over prompts of each system's per-prompt median, the same
 after the first token (n - 1 tokens over the time from the first token to the last: the prefill left out), peak
 RSS, Medusa's cold start (MedusaRuntime.open to first token, in a fresh process), and how often each
-system's tokens equal the artifact's plain decoding.
+system's tokens equal the artifact's plain decoding; and for Medusa against each peer, the ratio of those
+medians and the geometric mean over prompts of the per-prompt ratios (steadier: with prompts that accept
+few and many tokens per step, the median prompt can sit in the gap between them).
 
 Peers are not project dependencies: they are imported if installed, else skipped (with the command that
 installs them), or installed with --install: `pip install onnxruntime-genai` (onnxruntime-genai-cuda with
@@ -421,6 +423,7 @@ def main() -> None:
             "decode_tokens_per_s_median": statistics.median(decode[system]),
             "peak_rss_mib": info[system].get("peak_rss_mib"),
         }
+        entry["tokens_per_s_by_prompt"] = tps
         if "cold_start_s" in info[system]:
             entry["cold_start_s"] = info[system]["cold_start_s"]
         if reference is not None:
@@ -443,9 +446,13 @@ def main() -> None:
     for ours in ("medusa", "lookup"):
         for peer in ("plain", "genai", "llamacpp"):
             if ours in med and peer in med:
+                # the median prompt can sit in a gap between slow and fast prompts: also the geometric mean
+                # of the per-prompt ratios, which every prompt moves a little
+                ratios = [b / a for a, b in zip(results[ours], results[peer])]
                 print(
                     f"  {ours} / {peer}: {med[ours] / med[peer]:.2f}x "
-                    f"(after the first token: {after[ours] / after[peer]:.2f}x)"
+                    f"(after the first token: {after[ours] / after[peer]:.2f}x; geometric mean of the "
+                    f"per-prompt ratios {statistics.geometric_mean(ratios):.2f}x)"
                 )
 
 
