@@ -1,6 +1,7 @@
 """Time the adaptive chain's policy (adaptive.POLICY, the heads' probabilities used) against round 9's
-(adaptive.MATCH_ONLY, the context's match alone), or trees (--trees), with plain decoding, in one process on one artifact: variants interleaved per prompt (order reversed every other run),
-median of runs, outputs checked equal to plain decoding's.
+(adaptive.MATCH_ONLY, the context's match alone), or trees (--trees), with plain decoding, in one process on
+one artifact: variants interleaved per prompt (order reversed every other run), median of runs, outputs
+checked equal to plain decoding's.
 
     python scripts/chain_policy_ab.py ARTIFACT [--prompts data/specbench_dev.jsonl] [--skip 0] [--per-category 1]
         [--max-new-tokens 64] [--runs 3] [--threads 2] [--trees chain0+lookupauto12,chain0+lookupauto15]

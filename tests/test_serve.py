@@ -486,8 +486,8 @@ def test_sigterm_after_the_grace_period_ends_streams_cleanly(srv1, ref, long_ids
     srv1.proc.send_signal(signal.SIGTERM)
     text, events, done = read_rest(*stream_)
     assert done and events[-1]["choices"][0]["finish_reason"] == "abort"
-    # the text of the tokens decoded before the abort: the whole run's first k tokens, for some k (not always a
-    # prefix of the whole run's text: a cut inside a multi-byte character sends the replacement character)
+    # the text of the tokens decoded before the abort: the whole run's first k tokens, for some k (not
+    # always a prefix of the whole run's text: a cut inside a multi-byte character sends U+FFFD)
     assert text and any(text == ref.tokenizer.decode(long_ids[:k]) for k in range(1, len(long_ids) + 1))
     assert srv1.proc.wait(30) == 0
     assert "graceful timeout: ending 1 running request(s)" in srv1.log()

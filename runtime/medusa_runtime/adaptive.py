@@ -14,15 +14,16 @@ candidates, by how many of the context's last tokens the continuation follows (l
 
 A one-token match is a weak signal: with the sequential heads its continuation's first token is accepted
 less often (0.32) than the heads' top-1 guess where nothing matched (0.35). So where the continuation of a
-match of at most ChainPolicy.weak_match tokens starts with another token than the heads' top-1 guess, the step verifies
-the heads' guesses instead: 138.4 against 133.0 tok/s (+4%) on 20 prompts held out from that choice
-(scripts/chain_policy_ab.py, BENCHMARKS.md round 9).
+match of at most ChainPolicy.weak_match tokens starts with another token than the heads' top-1 guess, the
+step verifies the heads' guesses instead: 138.4 against 133.0 tok/s (+4%) on 20 prompts held out from that
+choice (scripts/chain_policy_ab.py, BENCHMARKS.md round 9).
 
 Where the backend reports how sure the heads are (Backend.draft_confidence: each head's top-1 softmax
 probability at the accepted row; the ort-cpu backend does), the heads' chain is as long as the product of
-those probabilities stays above ChainPolicy.keep (0 to K guesses: an unsure step verifies the root alone, a plain step),
-and heads sure of their first guess (above ChainPolicy.confident) also overrule a match shorter than LONG_MATCH whose
-continuation starts elsewhere (ChainPolicy; BENCHMARKS.md round 11).
+those probabilities stays above ChainPolicy.keep (0 to K guesses: an unsure step verifies the root alone, a
+plain step), and heads sure of their first guess (above ChainPolicy.confident) also overrule a match shorter
+than LONG_MATCH whose continuation starts elsewhere: +4% median, +3% geometric mean on the same 20 held-out
+prompts (BENCHMARKS.md round 11).
 
 A step's chain is a prefix of the tree's one chain, so it stays a single chain: every verified row equals
 the plain step's row, and the output is plain greedy decoding's (tests/test_cpu_step.py).

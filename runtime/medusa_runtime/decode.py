@@ -105,11 +105,11 @@ def decode(
     rng = np.random.default_rng(seed)
     fill = heads_fill and tree.depth == 0 and tree.lookup_chains > 0  # one chain: lookup, else heads
     prefixes = chain_prefixes(tree)
-    sure = prefixes is not None and fill  # the adaptive chain asks how sure the heads are
+    ask = prefixes is not None and fill  # the adaptive chain asks how sure the heads are
     out = prefill(backend, prompt, window)
     token = int(out.next_tokens[-1])
     draft = out.medusa_topk[:, -1]
-    confidence = backend.draft_confidence(-1) if sure else None
+    confidence = backend.draft_confidence(-1) if ask else None
     context = [*prompt, token]
     yield Step([token], ())
     while True:
@@ -130,7 +130,7 @@ def decode(
         token = acceptance.next_token(last, out.next_tokens, logits, rng)
         emitted = [int(t) for t in cand[nodes[1:]]] + [token]
         draft = out.medusa_topk[:, last]
-        confidence = backend.draft_confidence(last) if sure else None
+        confidence = backend.draft_confidence(last) if ask else None
         context += emitted
         source = step_source(step, last, matched) if fill else step.source(last)
         yield Step(emitted, step.path(last), source)
