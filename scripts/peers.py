@@ -422,8 +422,8 @@ def main() -> None:
             "tokens_per_s_p25_p75": [q[0], q[2]],
             "decode_tokens_per_s_median": statistics.median(decode[system]),
             "peak_rss_mib": info[system].get("peak_rss_mib"),
+            "tokens_per_s_by_prompt": tps,
         }
-        entry["tokens_per_s_by_prompt"] = tps
         if "cold_start_s" in info[system]:
             entry["cold_start_s"] = info[system]["cold_start_s"]
         if reference is not None:

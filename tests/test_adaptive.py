@@ -170,10 +170,8 @@ def test_the_heads_probabilities_set_their_chain_and_overrule_short_matches() ->
     assert step(short, [0.8, 0.9, 0.2, 0.9], ChainPolicy(confident=None)) == ([9, 1, 2, 3], 1)
     passage = list(range(10, 30))
     copying = passage + [99] + passage[:LONG_MATCH]
-    assert step(copying, [0.99] * 4) == (
-        passage[LONG_MATCH : LONG_MATCH + 8],
-        1,
-    )  # a long match: never the heads
+    # a long match: never the heads, however sure they are
+    assert step(copying, [0.99] * 4) == (passage[LONG_MATCH : LONG_MATCH + 8], 1)
     agreeing = [5, 1, 2, 3, 50, 1, 2, 3]
     assert step(agreeing, [0.99] * 4) == ([50, 1, 2, 3], 1)
 
