@@ -196,7 +196,7 @@ def export_onnx(
                 share_weights(tmp / STEP_FILE, tmp / "model.onnx")  # one copy of the weights on disk
                 share_weights(tmp / PLAIN_FILE, tmp / "model.onnx", tmp / STEP_FILE)
             step = StepSection(GraphIO(tuple(ins), tuple(outs)), max_seq, native)
-        base.tokenizer.save(str(tmp / "tokenizer.json"))
+        save_tokenizer(base.tokenizer, tmp / "tokenizer.json")
         files = {"model": "model.onnx", "commit": "kv_commit.onnx", "tokenizer": "tokenizer.json"}
         if step is not None:
             files |= {"step": STEP_FILE, "step_plain": PLAIN_FILE}
@@ -231,6 +231,17 @@ def export_onnx(
         (tmp / SIDECAR).write_text(json.dumps(sidecar.to_json(), indent=1))
         Artifact.load(tmp)  # the runtime's own checks, before the folder becomes visible
     return out
+
+
+def save_tokenizer(tokenizer, path: Path) -> None:
+    """tokenizer.json, minified, with a BPE model's merges written "a b" (the older form, which tokenizers
+    still reads) when no merged piece holds a space: the same tokenizer, parsed about 0.1 s faster at
+    `MedusaRuntime.open` for Gemma 3's 514,906 merges (BENCHMARKS.md, round 12)."""
+    data = json.loads(tokenizer.to_str())
+    merges = data.get("model", {}).get("merges")
+    if merges and not isinstance(merges[0], str) and not any(" " in part for m in merges for part in m):
+        data["model"]["merges"] = [" ".join(m) for m in merges]
+    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
 def _ref(spec: str) -> str:

@@ -52,3 +52,24 @@ def test_simulated_steps_are_the_runtimes_steps(gemma, specbench_prompts, name, 
         assert [len(s.tokens) for s in res.steps[1:]] == sim.steps
         seen |= set(sim.steps)
     assert max(seen) >= 3, seen  # the comparison covers steps that accept several candidates
+
+
+def test_saved_tokenizer_is_the_same_tokenizer(gemma, specbench_prompts, tmp_path):
+    """The artifact's tokenizer.json (merges written "a b", minified) encodes and decodes as the model's own."""
+    import json
+    import random
+
+    from tokenizers import Tokenizer
+
+    from medusa_export.onnx_export import save_tokenizer
+
+    save_tokenizer(gemma.tokenizer, tmp_path / "tokenizer.json")
+    saved = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert isinstance(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"][0], str)
+    rng = random.Random(0)
+    texts = [*specbench_prompts, "  \t\n tabs,   spaces\n\n", "<start_of_turn>user\nhi<end_of_turn>\n"]
+    texts += ["".join(chr(rng.randint(32, 0x2FFF)) for _ in range(200)) for _ in range(50)]
+    for text in texts:
+        ids = gemma.tokenizer.encode(text).ids
+        assert saved.encode(text).ids == ids
+        assert saved.decode(ids) == gemma.tokenizer.decode(ids)
