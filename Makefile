@@ -4,9 +4,10 @@ PY ?= .venv/bin/python
 CLI := .venv/bin/medusa-export
 PROMPTS ?= data/specbench_dev.jsonl
 ART ?= artifacts
-# sequential (Hydra-style) heads: on the 4-bit CPU artifact 3.89 accepted tokens/step against 3.61 for the
-# Medusa heads, 142 against 137 tok/s (BENCHMARKS.md, round 8); the GPU host keeps gemma3-270m-medusa (gpu.sh)
-HEADS ?= gemma3-270m-hydra
+# sequential (Hydra-style) heads trained on the 585 seed prompts of configs/train_seeds.jsonl: on the 4-bit CPU
+# artifact 3.23 accepted tokens/step against 3.17 for gemma3-270m-hydra (349 seeds), 105.9 against 101.3 tok/s
+# (BENCHMARKS.md, round 12); the GPU host keeps its own default (gpu.sh)
+HEADS ?= gemma3-270m-hydra-v2
 # on the CPU the heads project onto the 4,096 most frequent tokens of their training text (98.3% of it)
 CPU_DRAFT ?= 4096
 export HF_HUB_OFFLINE := 1
