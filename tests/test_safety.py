@@ -72,6 +72,39 @@ def test_atomic_dir_keeps_the_old_folder_when_the_new_one_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_outputs_are_on_disk_before_they_take_their_names(tmp_path, monkeypatch):
+    """Every file of an output folder and a single output file is fsynced before the rename that publishes
+    it, and the folder that receives the name after it (a crash never leaves a valid-looking output whose
+    contents were never written)."""
+    from medusa_export import fsutil
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with fsutil.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"x" * 4096)
+        (tmp / "m.json").write_text("{}")
+    rename = events.index(("rename", str(tmp)))
+    synced = {path for kind, path in events[:rename] if kind == "sync"}
+    assert {str(tmp / "sub" / "w.bin"), str(tmp / "m.json"), str(tmp / "sub"), str(tmp)} <= synced
+    assert ("sync", str(tmp_path)) in events[rename:]
+    events.clear()
+    with fsutil.atomic_file(tmp_path / "f.json") as tmp:
+        tmp.write_text("{}")
+    assert events == [("sync", str(tmp)), ("rename", str(tmp)), ("sync", str(tmp_path))]
+
+
 def test_outputs_respect_the_umask(tmp_path):
     from medusa_export.fsutil import atomic_dir, atomic_file
 
