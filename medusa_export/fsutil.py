@@ -80,7 +80,7 @@ def _sync_tree(folder: Path) -> None:
     """Every file under `folder` on disk before the folder takes its final name, so that a crash never leaves
     a complete-looking output with unwritten contents. It also spares the runtime's first open the
     write-back of a fresh export (file_pages.FilePages.read_sparsely drops only clean pages)."""
-    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+    for path in folder.rglob("*"):
         if not path.is_symlink():
             _sync(path)
     _sync(folder)
