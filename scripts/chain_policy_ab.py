@@ -5,6 +5,10 @@ checked equal to plain decoding's.
 
     python scripts/chain_policy_ab.py ARTIFACT [--prompts data/specbench_dev.jsonl] [--skip 0] [--per-category 1]
         [--max-new-tokens 64] [--runs 3] [--threads 2] [--trees chain0+lookupauto12,chain0+lookupauto15]
+        [--policies 0.4/0.7,0.3/0.7]
+
+--policies KEEP/CONFIDENT,... compares adaptive.ChainPolicy settings (keep, confident) instead (the default
+policy is 0.4/0.7).
 
 --skip S --per-category N takes prompts S .. S+N-1 of every category (prompts held out from a choice).
 Prints per variant: median tok/s over prompts (each prompt's median over runs), its ratio to plain's, the
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trees", help="comma-separated trees to compare instead of the two policies")
+    ap.add_argument("--policies", help="comma-separated KEEP/CONFIDENT chain policies to compare instead")
     args = ap.parse_args()
 
     from medusa_export.bench import TimedBackend
@@ -56,6 +61,16 @@ def main() -> None:
             MedusaRuntime.open(args.artifact, threads=args.threads, tree=t) for t in args.trees.split(",")
         ]
         variants = {rt.tree_name: (rt, policy) for rt in runtimes}
+    elif args.policies:
+        medusa = MedusaRuntime.open(args.artifact, threads=args.threads)
+        runtimes = [medusa]
+        variants = {}
+        for spec in args.policies.split(","):
+            keep, confident = (float(x) for x in spec.split("/"))
+            variants[f"keep {keep} confident {confident}"] = (
+                medusa,
+                adaptive.ChainPolicy(policy.weak_match, confident=confident, keep=keep),
+            )
     else:
         medusa = MedusaRuntime.open(args.artifact, threads=args.threads)
         runtimes = [medusa]
