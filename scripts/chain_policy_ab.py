@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,20 +62,14 @@ def main() -> None:
             MedusaRuntime.open(args.artifact, threads=args.threads, tree=t) for t in args.trees.split(",")
         ]
         variants = {rt.tree_name: (rt, policy) for rt in runtimes}
-    elif args.policies:
-        medusa = MedusaRuntime.open(args.artifact, threads=args.threads)
-        runtimes = [medusa]
-        variants = {}
-        for spec in args.policies.split(","):
-            keep, confident = (float(x) for x in spec.split("/"))
-            variants[f"keep {keep} confident {confident}"] = (
-                medusa,
-                adaptive.ChainPolicy(policy.weak_match, confident=confident, keep=keep),
-            )
     else:
         medusa = MedusaRuntime.open(args.artifact, threads=args.threads)
         runtimes = [medusa]
-        variants = {"heads' probabilities": (medusa, policy), "match only": (medusa, adaptive.MATCH_ONLY)}
+        policies = {"heads' probabilities": policy, "match only": adaptive.MATCH_ONLY}
+        if args.policies:
+            pairs = [tuple(float(x) for x in spec.split("/")) for spec in args.policies.split(",")]
+            policies = {f"keep {k} confident {c}": replace(policy, keep=k, confident=c) for k, c in pairs}
+        variants = {name: (medusa, p) for name, p in policies.items()}
     variants["plain"] = (plain, policy)
     print(
         f"{args.artifact}: trees {', '.join(rt.tree_name for rt in runtimes)}, {len(picked)} prompts x "
