@@ -14,6 +14,9 @@ Where the weights come from:
 - any other source: round-to-nearest blocks of 32 (4 bits asymmetric, 8 bits symmetric). The embedding, a
   tied lm_head and the heads' own layers are always 8 bits (the embedding gather reads 8-bit blocks).
 
+MatMulNBits that read the same input (q/k/v, gate/up, the heads' first layers) are then fused into one, its
+output split back (`_fuse_siblings`): the same columns, bitwise, from one kernel.
+
 MatMulNBits runs with accuracy_level 4 (activations quantized to int8 per block, integer dot products): on
 the CPU that is the fast kernel, and it computes each row independently of the others (checked by
 `tests/test_quantize.py`), which is what makes Medusa's multi-row verify step agree with one-row plain steps.
@@ -60,6 +63,7 @@ class Report:
     bytes_before: int = 0
     bytes_after: int = 0
     skipped: list[str] = field(default_factory=list)
+    fused: int = 0  # MatMulNBits merged into a sibling's (same input): see _fuse_siblings
 
     def to_json(self) -> dict:
         return {
@@ -72,6 +76,7 @@ class Report:
             "weight_bytes_before": self.bytes_before,
             "weight_bytes_after": self.bytes_after,
             "unquantized": self.skipped,
+            "matmuls_fused": self.fused,
         }
 
 
@@ -182,6 +187,7 @@ def quantize_model(path: Path, graph, model: str, weights: str, quiet: bool = Fa
         ]
 
     nodes_out = []
+    whole: set[str] = set()  # MatMulNBits nodes that hold a whole weight (not a row chunk of one)
     used_transpose: Counter = Counter(i for n in g.node for i in n.input)
     n_total = sum(n.op_type in ("MatMul", "Gather") for n in g.node)
     done = 0
@@ -215,6 +221,8 @@ def quantize_model(path: Path, graph, model: str, weights: str, quiet: bool = Fa
                     for i, p in enumerate(parts)
                 ]
                 rewritten = _matmul_nbits(node, b, ins, tag, add_init, ranks.get(node.input[0]))
+                if len(ins) == 1:
+                    whole.add(rewritten[0].name)
                 if prod is not None and prod.op_type == "Transpose":
                     used_transpose[w_name] -= 1
             elif init_name:
@@ -239,12 +247,14 @@ def quantize_model(path: Path, graph, model: str, weights: str, quiet: bool = Fa
                 print(f"[medusa-export]   quantized {done}/{n_total} MatMul/Gather nodes", flush=True)
         nodes_out.extend(rewritten or [node])
 
-    # Drop the float weights (and the Transposes) nothing reads any more.
+    nodes_out, report.fused = _fuse_siblings(nodes_out, whole, new_inits, add_init)
+    # Drop the float weights (and the Transposes) nothing reads any more, and the blocks fused away.
     live = {i for n in nodes_out for i in n.input} | {o.name for o in g.output}
     nodes_out = [n for n in nodes_out if n.op_type != "Transpose" or any(o in live for o in n.output)]
     live = {i for n in nodes_out for i in n.input} | {o.name for o in g.output}
     report.bytes_before = sum(array(n).nbytes for n in inits if n not in live)
     kept = [t for t in g.initializer if t.name in live]
+    new_inits = {k: t for k, t in new_inits.items() if k in live}
     report.bytes_after = sum(t.raw_data.__len__() for t in new_inits.values())
     del g.node[:]
     g.node.extend(nodes_out)
@@ -258,6 +268,62 @@ def quantize_model(path: Path, graph, model: str, weights: str, quiet: bool = Fa
     onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
     (path.parent / (path.name + ".data")).chmod(0o644)
     return report
+
+
+def _fuse_siblings(nodes: list, whole: set[str], inits: dict, add_init) -> tuple[list, int]:
+    """MatMulNBits nodes in `whole` that read the same input with the same attributes (q/k/v, gate/up, the
+    heads' first layers) become one MatMulNBits over their blocks stacked along N, then a Split back into
+    their outputs, as long as the stacked blocks stay within CHUNK_BYTES. One weight stream and one kernel
+    instead of several; each output column is computed exactly as before (ONNX Runtime's kernel computes
+    columns independently: tests/test_quantize.py checks it bitwise). Returns the nodes and how many
+    MatMulNBits were fused away."""
+    from onnx import helper, numpy_helper
+
+    def key(n):
+        return n.input[0], tuple(sorted((a.name, a.i) for a in n.attribute if a.name != "N"))
+
+    def n_of(n):
+        return next(a.i for a in n.attribute if a.name == "N")
+
+    groups: dict[tuple, list[list]] = {}
+    for n in nodes:
+        if n.op_type != "MatMulNBits" or n.name not in whole or len(n.input) != 4:
+            continue
+        size = len(inits[n.input[1]].raw_data)
+        runs = groups.setdefault(key(n), [[]])
+        if runs[-1] and sum(len(inits[m.input[1]].raw_data) for m in runs[-1]) + size > CHUNK_BYTES:
+            runs.append([])
+        runs[-1].append(n)
+    first = {run[0].name: run for runs in groups.values() for run in runs if len(run) > 1}
+    fused = {m.name for run in first.values() for m in run}
+    out = []
+    for n in nodes:
+        if n.name not in fused:
+            out.append(n)
+            continue
+        run = first.get(n.name)
+        if run is None:  # a later member: computed by its run's fused node
+            continue
+        name = n.name + "/fused"
+        stacked = [
+            add_init(f"{name}.in{j}", np.concatenate([numpy_helper.to_array(inits[m.input[j]]) for m in run]))
+            for j in (1, 2, 3)
+        ]
+        sizes = [n_of(m) for m in run]
+        attrs = {a.name: a.i for a in n.attribute} | {"N": sum(sizes)}
+        out += [
+            helper.make_node(
+                "MatMulNBits", [n.input[0], *stacked], [name + "/out"], name=name, domain=MS_DOMAIN, **attrs
+            ),
+            helper.make_node(
+                "Split",
+                [name + "/out", add_init(f"{name}.sizes", np.array(sizes, np.int64))],
+                [m.output[0] for m in run],
+                name=name + "/split",
+                axis=-1,
+            ),
+        ]
+    return out, len(fused) - len(first)
 
 
 def _tag(src: Source, init_name: str) -> str:

@@ -148,6 +148,67 @@ def test_large_weights_split_into_row_chunks_compute_the_same(monkeypatch):
     assert np.array_equal(_nbits_session(b).run(None, {"A": x})[0], whole)
 
 
+def test_sibling_matmuls_fuse_into_one_with_the_same_columns(monkeypatch):
+    """MatMulNBits that read the same input fuse into one (blocks stacked along N, then a Split): bitwise the
+    same outputs, for one row and for a verify's several; a different input, a row chunk or a run past
+    CHUNK_BYTES stays apart."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import medusa_export.quantize as quantize
+
+    k = 256
+    weights = {  # name: (input, blocks): 8-bit (Q5_0, Q8_0 as stored), 4-bit with Q4_K's minimum term
+        "q": ("A", gguf_blocks(_gguf_raw("Q5_0", RNG.standard_normal((64, k), np.float32)), "Q5_0", (64, k))),
+        "k": ("A", gguf_blocks(_gguf_raw("Q5_0", RNG.standard_normal((16, k), np.float32)), "Q5_0", (16, k))),
+        "v": ("A", gguf_blocks(_gguf_raw("Q8_0", RNG.standard_normal((16, k), np.float32)), "Q8_0", (16, k))),
+        "gate": ("A", gguf_blocks(_random_q4_k(32, k), "Q4_K", (32, k))),
+        "up": ("A", gguf_blocks(_random_q4_k(48, k), "Q4_K", (48, k))),
+        "other": ("B", rtn(RNG.standard_normal((32, k)).astype(np.float32), 8)),
+    }
+
+    def build(fuse: bool):
+        inits = {}
+
+        def add_init(name, arr):
+            if name not in inits:
+                inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+            return name
+
+        nodes, whole = [], set()
+        for name, (x, b) in weights.items():
+            ins = [
+                [
+                    add_init(f"{name}.q", b.packed()),
+                    add_init(f"{name}.s", b.scales.reshape(-1)),
+                    add_init(f"{name}.z", b.packed_zero_points()),
+                ]
+            ]
+            made = quantize._matmul_nbits(
+                helper.make_node("MatMul", [x, "W"], [name], name=name), b, ins, name, add_init
+            )
+            whole.add(made[0].name)
+            nodes += made
+        fused = 0
+        if fuse:
+            nodes, fused = quantize._fuse_siblings(nodes, whole, inits, add_init)
+        live = {i for n in nodes for i in n.input}
+        graph_inits = {n: numpy_helper.to_array(t) for n, t in inits.items() if n in live}
+        ins = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [None, k]) for x in "AB"]
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in weights]
+        return _session(nodes, ins, outs, graph_inits), [n.op_type for n in nodes], fused
+
+    apart, _, _ = build(False)
+    together, ops, fused = build(True)
+    assert fused == 3 and ops.count("MatMulNBits") == 3 and ops.count("Split") == 2  # q/k/v, gate/up, other
+    for rows in (1, 5):
+        feed = {x: RNG.standard_normal((rows, k)).astype(np.float32) for x in "AB"}
+        for a, b in zip(apart.run(None, feed), together.run(None, feed)):
+            assert np.array_equal(a, b)
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 80 * k)  # q + k fit, v starts a new run on its own
+    _, ops, fused = build(True)
+    assert fused == 2 and ops.count("MatMulNBits") == 4
+
+
 def test_gather_block_quantized_is_exact():
     from onnx import TensorProto, helper
 
@@ -211,7 +272,8 @@ def test_tiny_quantized_export_medusa_equals_plain(quantized_tiny, name, weights
     assert w["weight_bytes_after"] < w["weight_bytes_before"] / 2
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert "GatherBlockQuantized" in ops and ops.count("MatMulNBits") >= 2 * 7 + 4
+    assert "GatherBlockQuantized" in ops and ops.count("MatMulNBits") + w["matmuls_fused"] >= 2 * 7 + 4
+    assert w["matmuls_fused"] >= 2 * 3  # per layer: q/k/v into one, gate/up into one
     inits = {t.name for t in model.graph.initializer}
     for n in model.graph.node:  # no float weight left behind a MatMul
         assert not (n.op_type == "MatMul" and n.input[1] in inits), n.name
