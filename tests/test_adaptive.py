@@ -20,7 +20,14 @@ from medusa_runtime.adaptive import (
     heads_length,
 )
 from medusa_runtime.api import MedusaRuntime
-from medusa_runtime.lookup import AUTO_LENGTH, lookup_name, lookup_plan, match_length, parse_lookup
+from medusa_runtime.lookup import (
+    AUTO_LENGTH,
+    best_continuation,
+    lookup_name,
+    lookup_plan,
+    match_length,
+    parse_lookup,
+)
 from medusa_runtime.tree import TreeError, build_tree, resolve_tree, split_lookup, with_lookup
 
 SERVED = {"chain0": [], "chain2": [[0], [0, 0]]}
@@ -81,16 +88,25 @@ def test_an_adaptive_chain_hangs_from_the_root_alone() -> None:
         ([7, 1, 2, 9, 2], 1),  # "2" once, preceded by 1 there and by 9 here
         ([5, 1, 2, 3, 9, 1, 2, 3], 3),  # the 3-gram, then 5 against 9
         ([4, 5, 1, 2, 3, 9, 4, 5, 1, 2, 3], 5),  # extended back beyond the 3-gram
-        (
-            [5, 1, 2, 3, 7, 9, 1, 2, 3, 8, 5, 1, 2, 3],
-            3,
-        ),  # the most recent occurrence, not the longer older one
+        ([5, 1, 2, 3, 7, 9, 1, 2, 3, 8, 5, 1, 2, 3], 4),  # the older occurrence that agrees longer
+        ([9, 1, 2, 3, 7, 9, 1, 2, 3, 8, 9, 1, 2, 3], 4),  # of two that agree as long, the most recent
         ([1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5, 6, 7], 6),  # capped at 6 below (LONG_MATCH)
         ([3, 3, 3], 2),  # an overlapping repeat: occurrence [3, 3] at 0, nothing before it
     ],
 )
 def test_match_length(context, matched) -> None:
     assert match_length(context, cap=6) == matched
+
+
+def test_best_continuation_follows_the_longest_agreement() -> None:
+    found, matched = best_continuation([5, 1, 2, 3, 7, 9, 1, 2, 3, 8, 5, 1, 2, 3], 3, cap=6)
+    assert found.tolist() == [7, 9, 1] and matched == 4
+    found, matched = best_continuation([9, 1, 2, 3, 7, 9, 1, 2, 3, 8, 9, 1, 2, 3], 3, cap=6)
+    assert found.tolist() == [8, 9, 1] and matched == 4  # a tie: the most recent
+    assert (
+        best_continuation([5, 1, 2, 3, 7, 9, 1, 2, 3, 8, 5, 1, 2, 3], 3, scan=1)[1] == 3
+    )  # the most recent only
+    assert best_continuation([1, 2, 3], 2) == (None, 0)
 
 
 def test_chain_length_follows_the_match() -> None:

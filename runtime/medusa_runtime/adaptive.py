@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lookup import latest_continuation
+from .lookup import best_continuation
 from .tree import TreeBuffers, build_tree, with_lookup
 
 # chain length by how many context tokens the lookup's continuation follows: none (the heads' top-1
@@ -107,7 +107,7 @@ def chain_step(
     longest = max(prefixes)
     heads = heads if heads is not None and len(heads) else None
     confidence = confidence if heads is not None else None
-    found, matched = latest_continuation(context, longest, cap=LONG_MATCH)
+    found, matched = best_continuation(context, longest, cap=LONG_MATCH)
     if found is not None and heads is not None and found[0] != heads[0, 0]:
         sure = confidence is not None and policy.confident is not None and confidence[0] > policy.confident
         if matched <= policy.weak_match or (sure and matched < LONG_MATCH):

@@ -8,8 +8,9 @@ it has found repeats), so a match always fills its whole chain. Chains without a
 heads' top-1 guesses when the tree has no heads nodes of its own and the runtime drafts with heads
 (`chain0+lookup3`: one chain, from the lookup when the context has a match, else from the heads), otherwise
 with the root token (a token that repeats). Any token is safe: greedy acceptance keeps a candidate only
-when it equals the base model's own argmax. `chain0+lookupauto` (adaptive.py) verifies, each step, only as
-much of its one chain as the match found here promises (`match_length`).
+when it equals the base model's own argmax. `chain0+lookupauto` (adaptive.py) verifies, each step, one chain
+from the occurrence whose preceding tokens agree longest with the context's (best_continuation), only as
+much of it as that agreement promises (`match_length`).
 """
 
 from __future__ import annotations
@@ -89,27 +90,33 @@ def _occurrences(ctx: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(hits)[::-1]
 
 
-def latest_continuation(
-    context: Sequence[int], length: int, max_ngram: int = MAX_NGRAM, cap: int = 64
+def best_continuation(
+    context: Sequence[int], length: int, max_ngram: int = MAX_NGRAM, cap: int = 64, scan: int | None = None
 ) -> tuple[np.ndarray | None, int]:
-    """The lookup's first continuation [length] (the first of `continuations`; None without a match) and
-    match_length, from one scan of the context."""
+    """The continuation [length] of the context's longest suffix n-gram (n <= max_ngram) found earlier in it,
+    from the occurrence whose preceding tokens agree longest with the context's own (of the `scan` (SCAN) most
+    recent; the most recent on a tie), and that agreement, match_length (up to `cap`); (None, 0) without a
+    match. The longest agreement rather than the most recent occurrence: +0.8% accepted tokens per unit of
+    step cost, better on both halves of 240 prompts (scripts/chain_replay.py, BENCHMARKS.md round 13)."""
     ctx = np.asarray(context, dtype=np.int64)
     for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
-        occurrences = _occurrences(ctx, n)
-        if len(occurrences):
-            end, m = int(occurrences[0]) + n, n  # the occurrence ends at `end`, before the context's end
+        best_end, best = 0, 0
+        for start in _occurrences(ctx, n)[: scan or SCAN]:
+            end, m = int(start) + n, n  # the occurrence ends at `end`, before the context's end
             while m < min(cap, end) and ctx[end - m - 1] == ctx[-m - 1]:
                 m += 1
-            return np.resize(ctx[end:], length), m
+            if m > best:
+                best_end, best = end, m
+        if best:
+            return np.resize(ctx[best_end:], length), best
     return None, 0
 
 
 def match_length(context: Sequence[int], max_ngram: int = MAX_NGRAM, cap: int = 64) -> int:
-    """How many of the context's last tokens the lookup's first continuation follows: the most recent
-    occurrence of the longest suffix n-gram (n <= max_ngram, as `continuations` picks it), extended back
-    while the tokens before it agree too, up to `cap`; 0 when the context has no match."""
-    return latest_continuation(context, 1, max_ngram, cap)[1]
+    """How many of the context's last tokens best_continuation's occurrence follows: the longest suffix
+    n-gram (n <= max_ngram), extended back while the tokens before it agree too, up to `cap`; 0 when the
+    context has no match."""
+    return best_continuation(context, 1, max_ngram, cap)[1]
 
 
 def continuations(
