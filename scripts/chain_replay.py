@@ -102,16 +102,11 @@ def replay(args) -> None:
     longest = max(len(r["tokens"]) for r in records) - args.new_tokens
     prefixes = adaptive._chains(min(lookup.AUTO_LENGTH, longest))
 
-    def policy(scan):
-        def choose(context, draft, conf, truth):
-            lookup.SCAN = scan
-            return adaptive.chain_step(prefixes, context, draft, conf)[1][0]
+    def policy(context, draft, conf, truth):
+        return adaptive.chain_step(prefixes, context, draft, conf)[1][0]
 
-        return choose
-
-    def oracle(
-        context, draft, conf, truth
-    ):  # the policy's lookup chain or heads chain, whichever goes further
+    def oracle(context, draft, conf, truth):
+        """The policy's lookup chain or its heads chain, whichever is accepted further."""
         found, matched = lookup.best_continuation(context, max(prefixes), cap=adaptive.LONG_MATCH)
         heads = adaptive.heads_chain(draft, adaptive.heads_length(conf, adaptive.POLICY.keep, max(prefixes)))
         if found is None:
@@ -120,15 +115,19 @@ def replay(args) -> None:
         return max(chains, key=lambda c: (_accepted(c, truth), -len(c)))
 
     scan = lookup.SCAN
+    # name: (occurrences of the suffix n-gram the lookup compares, chooser)
     variants = {
-        "most recent occurrence": policy(1),
-        "longest agreement": policy(scan),
-        "oracle chooser": oracle,
+        "most recent occurrence": (1, policy),
+        "longest agreement": (scan, policy),
+        "oracle chooser": (scan, oracle),
     }
     results = {}
-    for name, choose in variants.items():
-        results[name] = [_walk(r, args.new_tokens, args.row_cost, choose) for r in records]
-    lookup.SCAN = scan
+    try:
+        for name, (occurrences, choose) in variants.items():
+            lookup.SCAN = occurrences
+            results[name] = [_walk(r, args.new_tokens, args.row_cost, choose) for r in records]
+    finally:
+        lookup.SCAN = scan
     base = results["most recent occurrence"]
     half = len(records) // 2
     print(f"{len(records)} prompts x {args.new_tokens} tokens, row cost {args.row_cost}")

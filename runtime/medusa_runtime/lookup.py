@@ -91,17 +91,17 @@ def _occurrences(ctx: np.ndarray, n: int) -> np.ndarray:
 
 
 def best_continuation(
-    context: Sequence[int], length: int, max_ngram: int = MAX_NGRAM, cap: int = 64, scan: int | None = None
+    context: Sequence[int], length: int, max_ngram: int = MAX_NGRAM, cap: int = 64
 ) -> tuple[np.ndarray | None, int]:
     """The continuation [length] of the context's longest suffix n-gram (n <= max_ngram) found earlier in it,
-    from the occurrence whose preceding tokens agree longest with the context's own (of the `scan` (SCAN) most
+    from the occurrence whose preceding tokens agree longest with the context's own (of the SCAN most
     recent; the most recent on a tie), and that agreement, match_length (up to `cap`); (None, 0) without a
     match. The longest agreement rather than the most recent occurrence: +0.8% accepted tokens per unit of
     step cost, better on both halves of 240 prompts (scripts/chain_replay.py, BENCHMARKS.md round 13)."""
     ctx = np.asarray(context, dtype=np.int64)
     for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
         best_end, best = 0, 0
-        for start in _occurrences(ctx, n)[: scan or SCAN]:
+        for start in _occurrences(ctx, n)[:SCAN]:
             end, m = int(start) + n, n  # the occurrence ends at `end`, before the context's end
             while m < min(cap, end) and ctx[end - m - 1] == ctx[-m - 1]:
                 m += 1
