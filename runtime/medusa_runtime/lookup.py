@@ -107,6 +107,8 @@ def best_continuation(
                 m += 1
             if m > best:
                 best_end, best = end, m
+                if m >= cap:  # no older occurrence can agree longer
+                    break
         if best:
             return np.resize(ctx[best_end:], length), best
     return None, 0
