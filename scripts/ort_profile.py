@@ -2,6 +2,10 @@
 ONNX Runtime's own profiler, for Medusa or plain decoding of a few prompts.
 
     python scripts/ort_profile.py ARTIFACT --prompts FILE [--backend ort-cuda] [--tree T] [--plain] [--limit 3]
+        [--min-prompt-tokens N] [--max-new-tokens 64]
+
+`--plain --max-new-tokens 1 --min-prompt-tokens 600` profiles long prompts' prefills alone (the runs are then
+the prefill's 512-token pieces).
 
 Prints one line per (provider, op type): nodes run per step, kernel microseconds per step; then the
 step's wall time against the sum of its kernel times (the rest is launch gaps and host work).
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="plain decoding instead of Medusa")
     ap.add_argument("--limit", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--min-prompt-tokens", type=int, default=0, help="only prompts at least this long")
     args = ap.parse_args()
 
     from medusa_export.prompts import read_prompts
@@ -41,7 +46,13 @@ def main() -> None:
     runtime = MedusaRuntime.open(
         args.artifact, backend=args.backend, tree=args.tree, medusa=not args.plain, profile=prefix
     )
-    rows = read_prompts(Path(args.prompts), args.limit, None)
+    rows = [
+        r
+        for r in read_prompts(Path(args.prompts), None if args.min_prompt_tokens else args.limit, None)
+        if len(runtime.encode(r["prompt"])) >= args.min_prompt_tokens
+    ][: args.limit]
+    if not rows:
+        sys.exit(f"ort_profile: no prompt in {args.prompts} has {args.min_prompt_tokens} tokens or more")
     # warm-up: profiled too, dropped below (one graph run per decode step, the prefill included)
     warm_runs = len(runtime.generate(runtime.encode(rows[0]["prompt"])[:32], 8).steps)
     steps, wall = 0, 0.0
