@@ -17,6 +17,7 @@ from medusa_export.heads import resolve_heads
 from medusa_export.models import explicit_model
 from medusa_export.reference import hf_greedy
 from medusa_runtime.api import MedusaRuntime
+from medusa_runtime.errors import MedusaError
 from medusa_runtime.masks import causal, step_masks
 from medusa_runtime.tree import build_tree
 
@@ -200,6 +201,7 @@ class Block:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 from medusa_runtime.api import MedusaRuntime
+from medusa_runtime.errors import MedusaError
 rt = MedusaRuntime.open({str(folder)!r}, tree='tree8')
 res = rt.generate('hello world', 12)
 assert len(res.token_ids) == 12
@@ -233,6 +235,8 @@ def test_draft_vocabulary_heads_keep_outputs_exact(tiny_base, tmp_path):
     draft = set(json.loads((tmp_path / "heads" / "draft_vocab.json").read_text())["ids"][:24])
     rt = MedusaRuntime.open(folder, tree="tree8")
     fused = MedusaRuntime.open(folder, backend="ort-cpu-step", tree="tree8")
+    with pytest.raises(MedusaError, match="fixed step graph"):  # it cannot choose a length per step
+        MedusaRuntime.open(folder, backend="ort-cpu-step", tree="chain0+lookupauto8")
     for prompt in PROMPTS:
         ids = rt.encode(prompt)
         res, res_fused = rt.generate(ids, 30), fused.generate(ids, 30)

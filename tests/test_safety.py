@@ -287,6 +287,66 @@ def test_api_refuses_bad_token_ids(tiny_artifact):
     assert rt.generate(np.array([1, 2, 3]), 4).token_ids == rt.generate([1, 2, 3], 4).token_ids
 
 
+def test_api_checks_requests_when_they_are_made(tiny_artifact):
+    """Bad budgets and stop lists are refused by the call itself (a stream too, before its first piece)."""
+    from medusa_runtime.api import MedusaRuntime
+
+    rt = MedusaRuntime.open(tiny_artifact("tiny-llama"), tree="tree8")
+    for budget in (0, -3, 1.5, "4", True):
+        with pytest.raises(MedusaError, match="max_new_tokens"):
+            rt.stream("hello", budget)
+        with pytest.raises(MedusaError, match="max_new_tokens"):
+            rt.generate("hello", budget)
+    with pytest.raises(MedusaError, match="beyond capacity"):
+        rt.stream("hello", 10_000)
+    for stop in ("x", [1], (s for s in ["x"])):
+        with pytest.raises(MedusaError, match="stop"):
+            rt.stream("hello", 4, stop=stop)
+    assert "".join(rt.stream("hello", 4, stop=None)) == rt.generate("hello", 4).text
+
+
+def test_a_thread_cannot_wait_for_its_own_open_stream(tiny_artifact):
+    """A second generation in the thread whose stream still holds the runtime is refused instead of waiting
+    for itself forever; once the stream is closed the runtime serves again."""
+    from medusa_runtime.api import MedusaRuntime
+
+    rt = MedusaRuntime.open(tiny_artifact("tiny-llama"), tree="tree8")
+    want = rt.generate("hello", 8).token_ids
+    pieces = rt.stream("abc abc", 16)
+    next(pieces)
+    with pytest.raises(MedusaError, match="already decoding"):
+        rt.generate("hello", 8)
+    pieces.close()
+    assert rt.generate("hello", 8).token_ids == want
+
+
+def test_acceptance_and_seed_are_per_call(tiny_artifact):
+    """Typical acceptance and its seed given to one call leave the runtime's own acceptance alone; the same
+    seed repeats the draws."""
+    from medusa_runtime.acceptance import Greedy, Typical
+    from medusa_runtime.api import MedusaRuntime
+
+    rt = MedusaRuntime.open(tiny_artifact("tiny-gemma3"), tree="tree8")
+    greedy = rt.generate("The quick brown fox", 40).token_ids
+    typical = Typical(temperature=1.0)
+    draws = [rt.generate("The quick brown fox", 40, acceptance=typical, seed=s).token_ids for s in (1, 1, 2)]
+    assert draws[0] == draws[1] != draws[2] and greedy not in draws
+    assert isinstance(rt.acceptance, Greedy) and rt.generate("The quick brown fox", 40).token_ids == greedy
+
+
+def test_engine_failures_are_one_line_backend_errors(tiny_artifact):
+    """An ONNX Runtime run that fails (here: nothing bound) surfaces as a BackendError, not onnxruntime's own
+    exception: the CLI prints one line and the server answers 500."""
+    from medusa_runtime.api import MedusaRuntime
+    from medusa_runtime.backends.ort import run_bound
+    from medusa_runtime.errors import BackendError
+
+    session = MedusaRuntime.open(tiny_artifact("tiny-llama"), tree="tree8").backend.session
+    with pytest.raises(BackendError, match="^ONNX Runtime failed: ") as err:
+        run_bound(session, session.io_binding())
+    assert "\n" not in str(err.value)
+
+
 def test_cuda_sessions_turn_tf32_off():
     from medusa_runtime.backends.ort import cuda_provider_options
 

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from conftest import PROMPTS, ROOT
-from medusa_runtime.acceptance import Greedy, Typical
+from medusa_runtime.acceptance import Typical
 from medusa_runtime.api import MedusaRuntime
 
 LONG_PROMPT = "The quick brown fox"  # tiny-llama's greedy continuation runs 1,800+ tokens without EOS
@@ -228,15 +228,13 @@ def test_stop_strings_and_typical_acceptance(srv, ref):
     assert body["choices"][0]["text"] == want and body["choices"][0]["finish_reason"] == "stop"
     text, _, events, done = stream(srv, prompt, 60, stop=stop)
     assert done and text == want and events[-1]["choices"][0]["finish_reason"] == "stop"
-    # temperature > 0: typical acceptance, the same draws as the runtime's (seeded per request)
-    ref.acceptance = Typical(temperature=0.8)
-    try:
-        want = ref.generate(prompt, 40)
-    finally:
-        ref.acceptance = Greedy()
-    body = complete(srv, prompt, 40, temperature=0.8, return_token_ids=True)
+    # temperature > 0: typical acceptance, the same draws as the runtime's for the same seed
+    typical = Typical(temperature=0.8)
+    want = ref.generate(prompt, 40, acceptance=typical, seed=1)
+    body = complete(srv, prompt, 40, temperature=0.8, seed=1, return_token_ids=True)
     assert body["choices"][0]["token_ids"] == want.token_ids
     assert want.token_ids != ref.generate(prompt, 40).token_ids  # it did sample
+    assert want.token_ids != ref.generate(prompt, 40, acceptance=typical, seed=2).token_ids
 
 
 def test_concurrent_requests_each_equal_single_stream(srv, ref):

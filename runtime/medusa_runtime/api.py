@@ -13,7 +13,7 @@ import numpy as np
 
 from .acceptance import Greedy, Typical
 from .artifact import Artifact, release_heap
-from .backends import open_backend
+from .backends import FUSED_BACKENDS, open_backend
 from .decode import Drafter, Step, decode
 from .errors import MedusaError
 from .lookup import LookupSpec, add_lookup
@@ -109,8 +109,12 @@ class MedusaRuntime:
 
     Thread safety: a runtime owns one KV cache, so it decodes one request at a time. Calls from several
     threads are safe: each generation holds the runtime's lock from its first step to its last (a
-    stream until it is exhausted or closed), and the others wait. For requests in parallel, open one
-    runtime per worker (the `serve` command keeps such a pool).
+    stream until it is exhausted or closed), and the others wait. A thread that starts a generation while
+    its own stream is still open gets a MedusaError (it would wait for itself forever). For requests in
+    parallel, open one runtime per worker (the `serve` command keeps such a pool).
+
+    `acceptance` and `seed` may be given per call (`steps`, `generate`, `stream`); without them the runtime's
+    `acceptance` and seed 0 (typical acceptance then repeats its samples; `seed=None` draws fresh ones).
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class MedusaRuntime:
         self.acceptance, self.tree_name = acceptance, tree_name
         self.vocab_size = artifact.model["vocab_size"] if artifact else tokenizer.get_vocab_size()
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread decoding now
 
     @classmethod
     def open(
@@ -162,6 +167,11 @@ class MedusaRuntime:
                 f"{artifact.path('tokenizer')} is not a tokenizer: {str(exc).splitlines()[0][:120]}"
             ) from None
         release_heap()
+        if backend in FUSED_BACKENDS and buffers.adaptive:
+            raise MedusaError(
+                f"{tree_name} verifies a length chosen each step, which {backend}'s fixed step graph cannot: "
+                "use ort-cpu or ort-cuda, or a fixed chain (e.g. chain0+lookup12)"
+            )
         impl = open_backend(backend, artifact, max_nodes=buffers.num_nodes, **backend_options)
         release_heap()
         return cls(
@@ -194,29 +204,47 @@ class MedusaRuntime:
         return list(prompt)
 
     def steps(
-        self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        drafter: Drafter | None = None,
+        acceptance: Greedy | Typical | None = None,
+        seed: int | None = 0,
     ) -> Iterator[Step]:
-        """Decoding steps, cut at EOS (kept) and at max_new_tokens. Holds the runtime's lock throughout."""
+        """Decoding steps, cut at EOS (kept) and at max_new_tokens. The request is checked now; the steps hold
+        the runtime's lock from the first to the last."""
         self.check_request(len(prompt_ids), max_new_tokens)
+        acceptance = self.acceptance if acceptance is None else acceptance
+        return self._steps(prompt_ids, max_new_tokens, drafter, acceptance, seed)
+
+    def _steps(self, prompt_ids, max_new_tokens, drafter, acceptance, seed) -> Iterator[Step]:
+        if self._holder == threading.get_ident():
+            raise MedusaError(
+                "this thread is already decoding on this runtime: finish or close that stream first"
+            )
         left = max_new_tokens
         with self._lock:
-            for step in self._loop(prompt_ids, drafter):
-                tokens = step.tokens[:left]
-                for i, t in enumerate(tokens):
-                    if t in self.eos:
-                        tokens = tokens[: i + 1]
-                        break
-                left -= len(tokens)
-                yield Step(tokens, step.path, step.source)
-                if left <= 0 or (tokens and tokens[-1] in self.eos):
-                    return
+            self._holder = threading.get_ident()
+            try:
+                for step in self._loop(prompt_ids, drafter, acceptance, seed):
+                    tokens = step.tokens[:left]
+                    for i, t in enumerate(tokens):
+                        if t in self.eos:
+                            tokens = tokens[: i + 1]
+                            break
+                    left -= len(tokens)
+                    yield Step(tokens, step.path, step.source)
+                    if left <= 0 or (tokens and tokens[-1] in self.eos):
+                        return
+            finally:
+                self._holder = None
 
-    def _loop(self, prompt_ids: list[int], drafter: Drafter | None) -> Iterator[Step]:
+    def _loop(self, prompt_ids: list[int], drafter: Drafter | None, acceptance, seed) -> Iterator[Step]:
         """decode.decode, or fused_decode.decode over a fused-step backend (greedy only)."""
         if getattr(self.backend, "fused", False):
             from . import fused_decode
 
-            if not isinstance(self.acceptance, Greedy):
+            if not isinstance(acceptance, Greedy):
                 raise MedusaError(
                     "fused-step backends accept greedily only: use ort-cuda/ort-cpu for typical"
                 )
@@ -226,24 +254,32 @@ class MedusaRuntime:
             prompt_ids,
             self.tree,
             self.window,
-            self.acceptance,
+            acceptance,
             drafter,
+            seed=seed,
             heads_fill=self.heads_fill,
         )
 
     def stream(
-        self, prompt: str | list[int], max_new_tokens: int = 128, stop: list[str] | tuple = ()
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        stop: list[str] | tuple = (),
+        acceptance: Greedy | Typical | None = None,
+        seed: int | None = 0,
     ) -> TextStream:
         """Text as tokens are accepted; stops at EOS, max_new_tokens or a stop string (not yielded).
         The returned iterator also counts tokens and steps (`num_tokens`, `mean_accepted`)."""
-        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+        stop = () if stop is None else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise MedusaError("stop must be a list of strings")
         stats = {"tokens": 0, "steps": 0}
-        return TextStream(self._pieces(self.encode(prompt), max_new_tokens, stop, stats), stats)
+        steps = self.steps(self.encode(prompt), max_new_tokens, acceptance=acceptance, seed=seed)
+        return TextStream(self._pieces(steps, stop, stats), stats)
 
-    def _pieces(self, prompt_ids: list[int], max_new_tokens: int, stop, stats: dict) -> Iterator[str]:
+    def _pieces(self, steps: Iterator[Step], stop, stats: dict) -> Iterator[str]:
         text = IncrementalText(self.tokenizer, stop)
-        for step in self.steps(prompt_ids, max_new_tokens):
+        for step in steps:
             stats["tokens"], stats["steps"] = stats["tokens"] + len(step.tokens), stats["steps"] + 1
             piece, stopped = text.add(step.tokens)
             if piece:
@@ -255,11 +291,16 @@ class MedusaRuntime:
             yield tail
 
     def generate(
-        self, prompt: str | list[int], max_new_tokens: int = 128, drafter: Drafter | None = None
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        drafter: Drafter | None = None,
+        acceptance: Greedy | Typical | None = None,
+        seed: int | None = 0,
     ) -> Result:
         ids = self.encode(prompt)
         start = time.perf_counter()
-        steps = list(self.steps(ids, max_new_tokens, drafter))
+        steps = list(self.steps(ids, max_new_tokens, drafter, acceptance, seed))
         seconds = time.perf_counter() - start
         tokens = [t for s in steps for t in s.tokens]
         return Result(self.tokenizer.decode(tokens), tokens, len(ids), steps, seconds)
@@ -267,6 +308,8 @@ class MedusaRuntime:
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
         """Refuse (MedusaError) a request this runtime's KV capacity cannot hold."""
         cap = self.backend.capacity
+        if type(max_new_tokens) is not int or max_new_tokens < 1:
+            raise MedusaError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
         if prompt_len == 0:
             raise MedusaError("empty prompt")
         if prompt_len > cap:

@@ -20,6 +20,7 @@ import numpy as np
 from .acceptance import Greedy
 from .adaptive import chain_prefixes, chain_step, heads_chain
 from .backends.base import Backend, StepOutput
+from .errors import MedusaError
 from .lookup import propose
 from .masks import causal, step_masks
 from .tree import TreeBuffers
@@ -47,6 +48,8 @@ def accepted_by_source(steps: Iterable[Step]) -> Counter:
 def prefill(backend: Backend, prompt: list[int], window: int | None) -> StepOutput:
     """The prompt into the cache, in pieces of at most backend.prefill_chunk tokens (all at once when 0),
     each attending to the pieces before it; the output is the last piece's, at the prompt's last token."""
+    if not len(prompt):
+        raise MedusaError("empty prompt")
     backend.reset()
     ids = np.asarray(prompt, dtype=np.int64)
     step = backend.prefill_chunk or len(ids)

@@ -20,7 +20,7 @@ import ctypes
 import numpy as np
 
 from .. import contract
-from ..errors import MedusaError
+from ..errors import BackendError, MedusaError
 from ..file_pages import FilePages
 from .base import Backend, StepOutput
 
@@ -33,6 +33,15 @@ QUANTIZED_CPU_ROWS = 16
 # scores grow with its square) and masks stay small. 1,513 tokens, 4-bit gemma3-270m: peak RSS 794 -> 636
 # MiB, prefill time within 3% (BENCHMARKS.md, round 10).
 CPU_PREFILL_CHUNK = 512
+
+
+def run_bound(session, io, run_options=None) -> None:
+    """session.run_with_iobinding, its failures (out of device memory, a kernel's error) as a BackendError."""
+    try:
+        session.run_with_iobinding(io, run_options)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BackendError(f"ONNX Runtime failed: {first[:300]}") from exc
 
 
 def bind_token_inputs(io, input_ids, positions, masks, rows) -> None:
@@ -215,7 +224,7 @@ class OrtBackend(Backend):
             )
         else:
             self._bind_kv(io.bind_output, self.present_names, self.scratch_ptrs, t)
-        self.session.run_with_iobinding(io)
+        run_bound(self.session, io)
         outs = io.get_outputs()
         self.last_outputs = outs
         if keep_all:
@@ -250,7 +259,7 @@ class OrtBackend(Backend):
         io.bind_cpu_input(contract.COMMIT_ROWS, rows)
         self._bind_kv(io.bind_input, self.present_names, self.scratch_ptrs, self.last_tokens)
         self._bind_kv(io.bind_output, self.kept_names, self.cache_ptrs, n, self.length * self.row_bytes)
-        self.commit_session.run_with_iobinding(io)
+        run_bound(self.commit_session, io)
         self.length += n
 
     def logits(self):

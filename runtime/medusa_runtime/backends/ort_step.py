@@ -31,7 +31,7 @@ import numpy as np
 from .. import contract
 from ..errors import MedusaError
 from .base import Backend, StepOutput
-from .ort import bind_token_inputs, execution_providers
+from .ort import bind_token_inputs, execution_providers, run_bound
 
 _NUMPY = {"int64": np.int64, "bool": np.bool_}
 LOGITS, MEDUSA_LOGITS, NEXT_TOKENS, MEDUSA_TOPK = range(4)
@@ -206,7 +206,7 @@ class OrtStepBackend(Backend):
             ptr = value.data_ptr() + self.length * self.row_bytes
             io.bind_output(name, self.device, 0, elem, [1, t, *self.kv_tail], ptr)
         with GPU_LOCK.shared():
-            self.prefill_session.run_with_iobinding(io)
+            run_bound(self.prefill_session, io)
             outs = io.get_outputs()
             out = StepOutput(
                 next_tokens=outs[NEXT_TOKENS].numpy()[0], medusa_topk=outs[MEDUSA_TOPK].numpy()[:, 0]
@@ -329,7 +329,7 @@ class StepRunner:
         p = self.parity
         capturing = self.backend.cuda_graph and self.runs[p] < CAPTURE_RUNS
         with GPU_LOCK.exclusive() if capturing else GPU_LOCK.shared():
-            self.session.run_with_iobinding(self.bindings[p], self.run_options[p])
+            run_bound(self.session, self.bindings[p], self.run_options[p])
             result = self.result.numpy()
         self.runs[p] += 1
         count, last = int(result[-2]), int(result[-1])

@@ -65,6 +65,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(16, ge=1)
     stop: str | list[str] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
+    seed: int | None = None  # temperature > 0: the same seed, the same draws; none: fresh ones
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1
@@ -418,7 +419,7 @@ def create_app(state: ServerState) -> FastAPI:
         if state.draining:
             return invalid(503, "the server is shutting down", code="shutting_down", outcome="unavailable")
 
-        job = Job(call.id, ids, req.max_tokens or 16, stop, acceptance, state.loop)
+        job = Job(call.id, ids, req.max_tokens or 16, stop, acceptance, state.loop, req.seed)
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         streaming = False
         try:

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..api import IncrementalText
-from ..errors import MedusaError
+from ..errors import BackendError, MedusaError
 
 log = logging.getLogger("medusa_runtime.serve")
 
@@ -44,6 +44,7 @@ class Job:
     stop: tuple[str, ...]
     acceptance: object
     loop: asyncio.AbstractEventLoop
+    seed: int | None = None  # typical acceptance's draws (None: fresh ones)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""  # "disconnect" | "shutdown"
@@ -108,7 +109,6 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         rt = self.runtime
-        rt.acceptance = job.acceptance  # this runtime is ours alone while the job runs
         text = IncrementalText(rt.tokenizer, job.stop)
         n = steps = verify_tokens = 0
         finish, stopped = "length", False
@@ -117,7 +117,7 @@ class Worker:
             if job.cancel.is_set():
                 finish = "abort" if job.cancel_reason == "shutdown" else "cancelled"
             else:
-                gen = rt.steps(job.prompt_ids, job.max_tokens)
+                gen = rt.steps(job.prompt_ids, job.max_tokens, acceptance=job.acceptance, seed=job.seed)
                 try:
                     for step in gen:
                         steps += 1
@@ -140,10 +140,16 @@ class Worker:
                 tail = "" if stopped else text.flush()  # text after a stop string is never sent
                 if tail:
                     job.post("delta", tail, [])
+        except BackendError as exc:  # the engine failed: the request fails, the server goes on
+            log.error("%s: decoding failed: %s", job.id, exc)
+            job.post("error", 500, f"decoding failed: {exc}")
+            return
         except MedusaError as exc:
             job.post("error", 400, str(exc))
             return
-        except Exception as exc:  # a backend failure: the request fails, the server goes on
+        except (
+            Exception
+        ) as exc:  # a bug or an engine error not wrapped: the request fails, the server goes on
             log.exception("%s: decoding failed", job.id)
             job.post("error", 500, f"decoding failed: {type(exc).__name__}: {exc}")
             return
