@@ -222,7 +222,7 @@ class MedusaRuntime:
             raise MedusaError(
                 "this thread is already decoding on this runtime: finish or close that stream first"
             )
-        left = max_new_tokens
+        left = int(max_new_tokens)
         with self._lock:
             self._holder = threading.get_ident()
             try:
@@ -308,7 +308,8 @@ class MedusaRuntime:
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
         """Refuse (MedusaError) a request this runtime's KV capacity cannot hold."""
         cap = self.backend.capacity
-        if type(max_new_tokens) is not int or max_new_tokens < 1:
+        integer = isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)
+        if not integer or max_new_tokens < 1:
             raise MedusaError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
         if prompt_len == 0:
             raise MedusaError("empty prompt")
