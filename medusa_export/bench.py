@@ -76,7 +76,10 @@ def bench(
     per_category: int | None = None,
     compare: Path | None = None,
     lookup: int | str | None = None,
+    min_prompt_tokens: int = 0,
 ) -> dict:
+    """`min_prompt_tokens`: only prompts at least this long (their prefill is then a large part of the time:
+    the result splits each method's time into the first token and the tokens after it)."""
     from tqdm import tqdm
 
     from medusa_runtime.api import MedusaRuntime
@@ -84,7 +87,7 @@ def bench(
     from medusa_runtime.lookup import parse_lookup
     from medusa_runtime.tree import build_tree
 
-    from .prompts import read_prompts
+    from .prompts import longer_than, read_prompts
     from .reference import GPU_BACKENDS, hf_greedy, reference_model
 
     def timed_runtime(path: Path):
@@ -107,26 +110,33 @@ def bench(
             medusa.backend, medusa.tokenizer, heads_tree, medusa.eos, medusa.window, tree_name=heads_name
         )
     meta = medusa.artifact.meta
-    rows = read_prompts(prompts, limit, per_category)
+    rows = read_prompts(prompts, limit, per_category, keep=longer_than(medusa.encode, min_prompt_tokens))
     # transformers in the artifact's dtype where the runtime runs on the GPU, fp32 on the CPU
     hf_dtype = meta["dtype"] if backend in GPU_BACKENDS else "fp32"
     base = reference_model(meta["model"]["name"], hf_dtype, backend) if hf else None
 
     runtimes = {"medusa": medusa, "plain": plain, "heads": heads, "compare": other}
 
-    def run(method: str, ids: list[int]) -> tuple[list[int], float, float, float, dict]:
-        """tokens, seconds, device seconds, mean accepted, accepted tokens per verify step by source"""
+    def run(method: str, ids: list[int]) -> tuple[list[int], dict]:
+        """tokens, and the sample: seconds, first token's seconds (None for transformers), device seconds,
+        mean accepted, accepted tokens per verify step by source"""
         start = time.perf_counter()
         if method == "hf":
             tokens = hf_greedy(base, ids, max_new_tokens, scores=False).tokens
-            return tokens, time.perf_counter() - start, 0.0, 1.0, {}
+            seconds = time.perf_counter() - start
+            return tokens, {"seconds": seconds, "first_s": None, "device_s": 0.0, "accepted": 1.0}
         runtime = runtimes[method]
         runtime.backend.device_s = 0.0
         res = runtime.generate(ids, max_new_tokens)
         seconds = time.perf_counter() - start
         counts, verify_steps = accepted_by_source(res.steps), max(len(res.steps) - 1, 1)
-        by_source = {s: counts[s] / verify_steps for s in SOURCES}
-        return res.token_ids, seconds, runtime.backend.device_s, res.mean_accepted or 1.0, by_source
+        return res.token_ids, {
+            "seconds": seconds,
+            "first_s": res.first_token_s,
+            "device_s": runtime.backend.device_s,
+            "accepted": res.mean_accepted or 1.0,
+            "by_source": {s: counts[s] / verify_steps for s in SOURCES},
+        }
 
     methods = (
         [m for m in METHODS if m != "hf" or base is not None]
@@ -146,15 +156,12 @@ def bench(
         for r in range(runs):
             order = methods[(i + r) % len(methods) :] + methods[: (i + r) % len(methods)]  # interleave
             for m in order:
-                tokens, secs, dev, acc, by_source = run(m, ids)
+                tokens, sample = run(m, ids)
                 outputs[m] = tokens
                 samples[m].append(
-                    {
-                        "tok_s": len(tokens) / secs,
-                        "device_s": dev,
-                        "seconds": secs,
-                        "accepted": acc,
-                        "by_source": by_source,
+                    sample
+                    | {
+                        "tok_s": len(tokens) / sample["seconds"],
                         "tokens": len(tokens),
                         "category": row["category"],
                     }
@@ -176,11 +183,13 @@ def bench(
         "artifact": str(folder),
         "backend": backend,
         "dtype": meta["dtype"],
+        "weights": (meta.get("weights") or {}).get("scheme", meta["dtype"]),
         "tree": medusa.tree_name,
         "tree_nodes": medusa.tree.num_nodes,
         "lookup": {"chains": chains, "length": length},
         **({"compare": str(compare)} if compare else {}),
         "max_new_tokens": max_new_tokens,
+        "min_prompt_tokens": min_prompt_tokens,
         "prompts": len(rows),
         "runs": runs,
         "identical_outputs": identical,
@@ -192,6 +201,7 @@ def bench(
         total = sum(x["seconds"] for x in s)
         entry = {"tok_s": _stats([x["tok_s"] for x in s])}
         if m != "hf":
+            entry.update(_first_token(s))
             entry["device_fraction"] = device / total
             entry["host_fraction"] = 1 - device / total
         if m in ("medusa", "heads", "compare"):
@@ -200,6 +210,9 @@ def bench(
     result["per_prompt"] = per_prompt
     tok = {m: result["methods"][m]["tok_s"]["median"] for m in methods}
     result["speedup"] = tok["medusa"] / tok["plain"]
+    after = {m: result["methods"][m].get("decode_tok_s", {}).get("median") for m in ("medusa", "plain")}
+    if after["medusa"] and after["plain"]:
+        result["decode_speedup"] = after["medusa"] / after["plain"]
     if chains:
         result["speedup_vs_heads"] = tok["medusa"] / tok["heads"]
     if out:
@@ -207,6 +220,18 @@ def bench(
             tmp.write_text(json.dumps(result, indent=1))
         _plot(result, Path(out).with_suffix(".png"))
     return result
+
+
+def _first_token(samples: list[dict]) -> dict:
+    """The time to the first token (the prompt's prefill, in seconds) and the tokens/s after it."""
+    after = [
+        (x["tokens"] - 1) / (x["seconds"] - x["first_s"])
+        for x in samples
+        if x["tokens"] > 1 and x["seconds"] > x["first_s"]
+    ]
+    return {"first_token_s": _stats([x["first_s"] for x in samples])} | (
+        {"decode_tok_s": _stats(after)} if after else {}
+    )
 
 
 def _acceptance(samples: list[dict]) -> dict:
@@ -248,7 +273,7 @@ def summary_line(result: dict) -> str:
 def report_lines(result: dict) -> list[str]:
     lines = [
         f"{result['prompts']} prompts x {result['runs']} runs, {result['max_new_tokens']} new tokens, "
-        f"{result['backend']} {result['dtype']}, tree {result['tree']} ({result['tree_nodes']} nodes); "
+        f"{result['backend']} {result['dtype']} ({result['weights']} weights), tree {result['tree']} ({result['tree_nodes']} nodes); "
         f"outputs identical on {result['identical_outputs']}/{result['prompts']} prompts"
     ]
     for name, m in result["methods"].items():
@@ -258,8 +283,18 @@ def report_lines(result: dict) -> list[str]:
             if "device_fraction" in m
             else ""
         )
+        first = (
+            f"; first token {m['first_token_s']['median'] * 1000:.0f} ms, then {m['decode_tok_s']['median']:.1f} tok/s"
+            if "decode_tok_s" in m
+            else ""
+        )
         lines.append(
-            f"  {name:7s} median {t['median']:.1f} tok/s (p25 {t['p25']:.1f}, p75 {t['p75']:.1f}){split}"
+            f"  {name:7s} median {t['median']:.1f} tok/s (p25 {t['p25']:.1f}, p75 {t['p75']:.1f}){first}{split}"
+        )
+    if "decode_speedup" in result:
+        lines.append(
+            f"  medusa / plain: {result['speedup']:.2f}x end to end, {result['decode_speedup']:.2f}x after the "
+            "first token (the prefill is the same computation for both)"
         )
     medusa = result["methods"]["medusa"]
     cats = medusa["accepted_by_category"]
@@ -296,7 +331,7 @@ def _plot(result: dict, path: Path) -> None:
     ]
     a.bar(names, med, yerr=err, capsize=4, color=[COLORS[n] for n in names])
     a.set_ylabel("tokens/s (median, p25-p75)")
-    a.set_title(f"{result['backend']} {result['dtype']}, tree {result['tree']}")
+    a.set_title(f"{result['backend']} {result['dtype']} ({result['weights']} weights), tree {result['tree']}")
     by_source = result["methods"]["medusa"]["accepted_by_category_source"]
     cats = list(by_source)
     left = [1.0] * len(cats)

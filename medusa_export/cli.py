@@ -202,9 +202,14 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     seconds = time.perf_counter() - start
+    first = pieces.first_token_s or seconds
+    after = (
+        f", then {(pieces.num_tokens - 1) / (seconds - first):.1f} tokens/s" if pieces.num_tokens > 1 else ""
+    )
     typer.echo(
         f"\n[{backend}, tree {runtime.tree_name}] {pieces.num_tokens} tokens in {seconds:.2f}s: "
-        f"{pieces.num_tokens / seconds:.1f} tokens/s, mean accepted {pieces.mean_accepted:.2f} tokens/step",
+        f"{pieces.num_tokens / seconds:.1f} tokens/s (first token {first:.2f}s{after}), "
+        f"mean accepted {pieces.mean_accepted:.2f} tokens/step",
         err=True,
     )
 
@@ -314,8 +319,12 @@ def bench(
     ] = None,
     force: Force = False,
     lookup: Lookup = None,
+    min_prompt_tokens: Annotated[
+        int, typer.Option("--min-prompt-tokens", min=0, help="only prompts of at least N tokens")
+    ] = 0,
 ):
-    """Medusa vs plain decoding (same runtime, same artifact) vs transformers generate, interleaved per prompt."""
+    """Medusa vs plain decoding (same runtime, same artifact) vs transformers generate, interleaved per prompt;
+    each with its time to the first token and its tokens/s after it."""
     from .bench import bench as run
     from .bench import report_lines, summary_line
     from .fsutil import check_out_file
@@ -337,6 +346,7 @@ def bench(
         per_category=per_category,
         compare=compare,
         lookup=lookup,
+        min_prompt_tokens=min_prompt_tokens,
     )
     for line in report_lines(result):
         typer.echo(line)

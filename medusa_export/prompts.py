@@ -4,6 +4,7 @@ and training."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_prompts(path: Path, limit: int | None = None, per_category: int | None = None) -> list[dict]:
+def read_prompts(
+    path: Path,
+    limit: int | None = None,
+    per_category: int | None = None,
+    keep: Callable[[str], bool] | None = None,
+) -> list[dict]:
     """[{'id', 'category', 'prompt'}] from a JSONL file of `prompt` or `turns` rows: the first `limit`
-    rows, or the first `per_category` rows of every category."""
+    rows, or the first `per_category` rows of every category, of those whose prompt `keep` accepts (all
+    without it; see `longer_than`)."""
     path = Path(path)
     if not path.is_file():
         raise MedusaError(f"prompts file {path} does not exist")
@@ -58,6 +65,8 @@ def read_prompts(path: Path, limit: int | None = None, per_category: int | None 
         prompt = row_prompt(row)
         if prompt is None:
             raise MedusaError(f"{path}: row {n} has neither a 'prompt' string nor a non-empty 'turns' list")
+        if keep is not None and not keep(prompt):
+            continue
         category = row.get("category", "all")
         if per_category and sum(r["category"] == category for r in rows) >= per_category:
             continue
@@ -65,5 +74,17 @@ def read_prompts(path: Path, limit: int | None = None, per_category: int | None 
         if limit and len(rows) >= limit:
             break
     if not rows:
-        raise MedusaError(f"{path} holds no prompts")
+        raise MedusaError(f"{path} holds no prompts" + (f" {keep.__doc__}" if keep and keep.__doc__ else ""))
     return rows
+
+
+def longer_than(encode: Callable[[str], list[int]], min_tokens: int) -> Callable[[str], bool] | None:
+    """read_prompts' `keep` for prompts of at least `min_tokens` tokens (None for any prompt)."""
+    if min_tokens <= 0:
+        return None
+
+    def keep(prompt: str) -> bool:
+        return len(encode(prompt)) >= min_tokens
+
+    keep.__doc__ = f"of {min_tokens} tokens or more"
+    return keep

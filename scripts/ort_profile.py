@@ -39,20 +39,15 @@ def main() -> None:
     ap.add_argument("--min-prompt-tokens", type=int, default=0, help="only prompts at least this long")
     args = ap.parse_args()
 
-    from medusa_export.prompts import read_prompts
+    from medusa_export.prompts import longer_than, read_prompts
     from medusa_runtime.api import MedusaRuntime
 
     prefix = str(Path(tempfile.mkdtemp()) / "ort")
     runtime = MedusaRuntime.open(
         args.artifact, backend=args.backend, tree=args.tree, medusa=not args.plain, profile=prefix
     )
-    rows = [
-        r
-        for r in read_prompts(Path(args.prompts), None if args.min_prompt_tokens else args.limit, None)
-        if len(runtime.encode(r["prompt"])) >= args.min_prompt_tokens
-    ][: args.limit]
-    if not rows:
-        sys.exit(f"ort_profile: no prompt in {args.prompts} has {args.min_prompt_tokens} tokens or more")
+    keep = longer_than(runtime.encode, args.min_prompt_tokens)
+    rows = read_prompts(Path(args.prompts), args.limit, keep=keep)
     # warm-up: profiled too, dropped below (one graph run per decode step, the prefill included)
     warm_runs = len(runtime.generate(runtime.encode(rows[0]["prompt"])[:32], 8).steps)
     steps, wall = 0, 0.0

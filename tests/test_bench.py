@@ -45,6 +45,30 @@ def test_bench_small_slice(tiny_artifact, tmp_path):
         and 0 < result["methods"]["plain"]["device_fraction"] <= 1
     )
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("medusa", "plain"):  # the prefill apart from the rest: our runtimes only
+        m = result["methods"][name]
+        assert 0 < m["first_token_s"]["median"] and m["decode_tok_s"]["median"] > 0
+        assert re.search(rf"  {name} +median .*; first token \d+ ms, then [\d.]+ tok/s", proc.stdout)
+    assert "first_token_s" not in result["methods"]["hf"]
+    assert result["decode_speedup"] > 0 and "x after the first token" in proc.stdout
+
+
+def test_bench_min_prompt_tokens_keeps_the_long_prompts(tiny_artifact, tmp_path):
+    """--min-prompt-tokens: only prompts of at least N tokens are timed; none that long is a one-line error."""
+    folder = tiny_artifact("tiny-gemma3")
+    prompts = tmp_path / "p.jsonl"
+    texts = ["Hi", "The cat sat on the mat. " * 8, "Short one", "A longer story about a dog and a ball. " * 6]
+    prompts.write_text("\n".join(json.dumps({"prompt": t, "category": "c"}) for t in texts))
+    out = tmp_path / "bench.json"
+    args = ("--prompts", prompts, "--max-new-tokens", "6", "--no-hf", "--min-prompt-tokens", "30")
+    proc = cli("bench", folder, *args, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["prompts"] == 2 and result["min_prompt_tokens"] == 30
+    assert [p["id"] for p in result["per_prompt"]] == [2, 4]
+    proc = cli("bench", folder, *args[:-1], "100000")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("holds no prompts of 100000 tokens or more")
 
 
 def test_bench_compare_times_a_second_artifact(tiny_artifact, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_generate_torch_backend_streams_and_reports():
     )
     assert proc.returncode == 0, proc.stderr
     assert "tokens/s" in proc.stderr and "mean accepted" in proc.stderr
+    assert re.search(r"\(first token [\d.]+s, then [\d.]+ tokens/s\)", proc.stderr), proc.stderr
 
 
 def test_generate_and_validate_on_artifact(tiny_artifact, tmp_path):

@@ -191,6 +191,19 @@ def test_streaming_yields_the_same_text_and_honours_stop(tiny_artifact):
     assert streamed == whole.text[: whole.text.find(stop)]
 
 
+def test_results_split_the_first_token_from_the_rest(tiny_artifact):
+    """generate's and stream's time to the first token (the prefill), and the tokens/s after it."""
+    rt = MedusaRuntime.open(tiny_artifact("tiny-llama"), tree="tree8")
+    res = rt.generate(PROMPTS[0], 40)
+    assert len(res.token_ids) > 1 and 0 < res.first_token_s < res.seconds
+    assert res.decode_tokens_per_s == (len(res.token_ids) - 1) / (res.seconds - res.first_token_s)
+    one = rt.generate(PROMPTS[0], 1)
+    assert one.decode_tokens_per_s == 0 and 0 < one.first_token_s <= one.seconds
+    pieces = rt.stream(PROMPTS[0], 40)
+    assert pieces.first_token_s is None  # nothing decoded yet
+    assert "".join(pieces) == res.text and 0 < pieces.first_token_s
+
+
 def test_runtime_imports_and_runs_without_torch_or_transformers(tiny_artifact):
     folder = tiny_artifact("tiny-qwen2")
     code = f"""

@@ -84,6 +84,11 @@ class TextStream:
         steps = self.num_steps - 1
         return (self.num_tokens - 1) / steps if steps > 0 else 0.0
 
+    @property
+    def first_token_s(self) -> float | None:
+        """Seconds from the first `next()` to the first token decoded (the prompt's prefill); None before."""
+        return self._stats.get("first_token_s")
+
 
 @dataclass
 class Result:
@@ -92,10 +97,18 @@ class Result:
     prompt_tokens: int
     steps: list[Step] = field(repr=False)
     seconds: float
+    first_token_s: float = 0.0  # the prompt's prefill and the first token, within `seconds`
 
     @property
     def tokens_per_s(self) -> float:
+        """Generated tokens over the whole call, the prefill included."""
         return len(self.token_ids) / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over the time after it: the decode loop's speed, without the prefill."""
+        after = self.seconds - self.first_token_s
+        return (len(self.token_ids) - 1) / after if after > 0 and len(self.token_ids) > 1 else 0.0
 
     @property
     def mean_accepted(self) -> float:
@@ -279,7 +292,9 @@ class MedusaRuntime:
 
     def _pieces(self, steps: Iterator[Step], stop, stats: dict) -> Iterator[str]:
         text = IncrementalText(self.tokenizer, stop)
+        start = time.perf_counter()
         for step in steps:
+            stats.setdefault("first_token_s", time.perf_counter() - start)
             stats["tokens"], stats["steps"] = stats["tokens"] + len(step.tokens), stats["steps"] + 1
             piece, stopped = text.add(step.tokens)
             if piece:
@@ -300,10 +315,13 @@ class MedusaRuntime:
     ) -> Result:
         ids = self.encode(prompt)
         start = time.perf_counter()
-        steps = list(self.steps(ids, max_new_tokens, drafter, acceptance, seed))
+        steps, first = [], 0.0
+        for step in self.steps(ids, max_new_tokens, drafter, acceptance, seed):
+            first = first or time.perf_counter() - start
+            steps.append(step)
         seconds = time.perf_counter() - start
         tokens = [t for s in steps for t in s.tokens]
-        return Result(self.tokenizer.decode(tokens), tokens, len(ids), steps, seconds)
+        return Result(self.tokenizer.decode(tokens), tokens, len(ids), steps, seconds, first)
 
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
         """Refuse (MedusaError) a request this runtime's KV capacity cannot hold."""
