@@ -96,8 +96,10 @@ class MedusaGraph(nn.Module):
         rest = rest[1:] if cfg.has_sliding else rest
         output_rows, flat_past = rest[0], rest[1:]
         past = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(cfg.num_layers)]
-        hidden, new_kv = self.decoder(input_ids, position_ids, attention_mask, sliding_mask, past)
-        logits, medusa = self.project(hidden.index_select(1, output_rows))  # [B,R,V], [K,B,R,V or N]
+        hidden, new_kv = self.decoder(
+            input_ids, position_ids, attention_mask, sliding_mask, past, output_rows
+        )
+        logits, medusa = self.project(hidden)  # [B,R,V], [K,B,R,V or N]
         next_tokens = argmax_ids(logits)  # [B, R]
         medusa_topk = topk_ids(medusa, self.topk)  # [K, B, R, topk]
         if self.draft_ids is not None:

@@ -57,3 +57,28 @@ def test_tree_verify_equals_per_path_forwards(tiny_base, name):
         with torch.no_grad():
             ref = base.hf(torch.tensor([prefix + tokens[path].tolist()])).logits[0, -1]
         torch.testing.assert_close(logits[node], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_wanted_rows_skip_the_last_layer_for_the_others(tiny_base, name):
+    """rows=[R]: the hidden states of those rows, as with all rows, and every row's keys/values unchanged
+    (the prefill asks for its last row alone; a verify asks for all, in order)."""
+    model = explicit_model(tiny_base(name))
+    ids = tiny_base(name).tokenizer.encode("Only the last row goes through the last layer's MLP here").ids
+    t = len(ids)
+    full, sliding = step_masks(0, np.arange(t), causal(t), model.cfg.sliding_window)
+    args = (
+        torch.tensor([ids]),
+        torch.arange(t)[None],
+        torch.from_numpy(full),
+        None if sliding is None else torch.from_numpy(sliding),
+        empty_past(model.cfg, 1, torch.float32),
+    )
+    with torch.no_grad():
+        every, kv = model(*args)
+        for rows in ([t - 1], [0, 3, t - 1], list(range(t))):
+            some, kv_rows = model(*args, rows=torch.tensor(rows))
+            assert some.shape[1] == len(rows)
+            torch.testing.assert_close(some[0], every[0, rows], atol=1e-6, rtol=1e-5)
+            for (k, v), (k2, v2) in zip(kv, kv_rows):
+                assert torch.equal(k, k2) and torch.equal(v, v2)

@@ -149,6 +149,24 @@ def _kv_major(x: torch.Tensor) -> torch.Tensor:
     return x.squeeze(2).unsqueeze(1) if x.shape[2] == 1 else x.transpose(1, 2)
 
 
+def only_rows(
+    layer: int,
+    cfg: DecoderConfig,
+    rows: torch.Tensor | None,
+    q: torch.Tensor,
+    mask: torch.Tensor,
+    x: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In the last layer, after its keys and values: the queries [B, T, H, D], the mask [B, 1, T, S] and the
+    residual stream [B, T, C] of `rows` alone (unchanged in other layers, or without rows). Nothing after the
+    last layer's keys and values reads the other rows, so a prompt's prefill (one wanted row a piece) skips
+    their attention and MLP there: 1/18 of the layers' work for Gemma 3 270M. A verify wants all its rows,
+    in order: the same rows, the same values."""
+    if rows is None or layer != cfg.num_layers - 1:
+        return q, mask, x
+    return q.index_select(1, rows), mask.index_select(2, rows), x.index_select(1, rows)
+
+
 class ExplicitDecoder(nn.Module):
     """Interface of the family files: hidden states and new KV for T tokens given explicit positions/masks."""
 
@@ -162,8 +180,10 @@ class ExplicitDecoder(nn.Module):
         attention_mask: torch.Tensor,  # [B, 1, T, S] float32 additive
         sliding_mask: torch.Tensor | None,  # [B, 1, T, S] float32 additive, for sliding-window layers
         past: list[tuple[torch.Tensor, torch.Tensor]],  # per layer [B, P, KV, D]
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:  # [B, T, C] final-normed, new KV
-        """Run the decoder layers; return final-normed hidden states and this call's keys/values."""
+        rows: torch.Tensor | None = None,  # [R] int64: the rows whose hidden states are wanted (None: all)
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:  # [B, R, C] final-normed, new KV
+        """Run the decoder layers; return final-normed hidden states (of `rows`) and this call's keys/values
+        (of every row). See `only_rows`."""
 
     @abstractmethod
     def lm_head_weight(self) -> torch.Tensor:  # [V, C]

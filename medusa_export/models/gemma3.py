@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from medusa_runtime.errors import MedusaError
 
-from .common import DecoderConfig, ExplicitDecoder, apply_rope, attend, rms_norm, rope
+from .common import DecoderConfig, ExplicitDecoder, apply_rope, attend, only_rows, rms_norm, rope
 
 FAMILIES = ("gemma3_text",)
 
@@ -63,7 +63,7 @@ class Gemma3(ExplicitDecoder):
     def lm_head_weight(self) -> torch.Tensor:
         return self.hf.model.embed_tokens.weight  # tied
 
-    def forward(self, input_ids, position_ids, attention_mask, sliding_mask, past):
+    def forward(self, input_ids, position_ids, attention_mask, sliding_mask, past, rows=None):
         cfg, m, eps = self.cfg, self.hf.model, self.eps
         b, t = input_ids.shape
         emb = m.embed_tokens.weight
@@ -84,6 +84,7 @@ class Gemma3(ExplicitDecoder):
             k_all = torch.cat((past[i][0], k), dim=1)  # [B, S, KV, D]
             v_all = torch.cat((past[i][1], v), dim=1)
             mask = sliding_mask if cfg.sliding_layers[i] else attention_mask
+            q, mask, x = only_rows(i, cfg, rows, q, mask, x)
             attn = a.o_proj(attend(q, k_all, v_all, mask, self.scaling))
             x = x + rms_norm(attn, layer.post_attention_layernorm.weight, eps, offset=1.0)
             h = rms_norm(x, layer.pre_feedforward_layernorm.weight, eps, offset=1.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import DecoderConfig, ExplicitDecoder, apply_rope, attend, rms_norm, rope
+from .common import DecoderConfig, ExplicitDecoder, apply_rope, attend, only_rows, rms_norm, rope
 
 FAMILIES = ("llama", "qwen2")
 
@@ -38,7 +38,7 @@ class Llama(ExplicitDecoder):
     def lm_head_weight(self) -> torch.Tensor:
         return self.hf.lm_head.weight
 
-    def forward(self, input_ids, position_ids, attention_mask, sliding_mask, past):
+    def forward(self, input_ids, position_ids, attention_mask, sliding_mask, past, rows=None):
         cfg, m = self.cfg, self.hf.model
         b, t = input_ids.shape
         x = m.embed_tokens(input_ids)  # [B, T, C]
@@ -54,6 +54,7 @@ class Llama(ExplicitDecoder):
             k_all = torch.cat((past[i][0], k), dim=1)  # [B, S, KV, D]
             v_all = torch.cat((past[i][1], v), dim=1)
             mask = sliding_mask if cfg.sliding_layers[i] else attention_mask
+            q, mask, x = only_rows(i, cfg, rows, q, mask, x)
             x = x + a.o_proj(attend(q, k_all, v_all, mask, cfg.head_dim**-0.5))
             h = rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
             x = x + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
