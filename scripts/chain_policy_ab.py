@@ -4,7 +4,7 @@ one artifact: variants interleaved per prompt (order reversed every other run), 
 checked equal to plain decoding's.
 
     python scripts/chain_policy_ab.py ARTIFACT [--prompts data/specbench_dev.jsonl] [--skip 0] [--per-category 1]
-        [--max-new-tokens 64] [--runs 3] [--threads 2] [--trees chain0+lookupauto12,chain0+lookupauto15]
+        [--min-prompt-tokens 0] [--max-new-tokens 64] [--runs 3] [--threads 2] [--trees chain0+lookupauto12,chain0+lookupauto15]
         [--policies 0.4/0.7,0.3/0.7]
 
 --policies KEEP/CONFIDENT,... compares adaptive.ChainPolicy settings (keep, confident) instead (the default
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--prompts", default=str(ROOT / "data/specbench_dev.jsonl"))
     ap.add_argument("--skip", type=int, default=0)
     ap.add_argument("--per-category", type=int, default=1)
+    ap.add_argument("--min-prompt-tokens", type=int, default=0, help="only prompts at least this long")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -44,18 +45,19 @@ def main() -> None:
     args = ap.parse_args()
 
     from medusa_export.bench import TimedBackend
-    from medusa_export.prompts import read_prompts
+    from medusa_export.prompts import longer_than, read_prompts
     from medusa_runtime import adaptive
     from medusa_runtime.api import MedusaRuntime
 
-    rows = read_prompts(Path(args.prompts), per_category=args.skip + args.per_category)
+    plain = MedusaRuntime.open(args.artifact, medusa=False, threads=args.threads)
+    keep = longer_than(plain.encode, args.min_prompt_tokens)
+    rows = read_prompts(Path(args.prompts), per_category=args.skip + args.per_category, keep=keep)
     seen: dict[str, int] = defaultdict(int)
     picked = []
     for row in rows:
         seen[row["category"]] += 1
         if seen[row["category"]] > args.skip:
             picked.append(row)
-    plain = MedusaRuntime.open(args.artifact, medusa=False, threads=args.threads)
     policy = adaptive.POLICY
     if args.trees:
         runtimes = [
