@@ -87,7 +87,7 @@ def bench(
     from medusa_runtime.lookup import parse_lookup
     from medusa_runtime.tree import build_tree
 
-    from .prompts import longer_than, read_prompts
+    from .prompts import at_least_tokens, read_prompts
     from .reference import GPU_BACKENDS, hf_greedy, reference_model
 
     def timed_runtime(path: Path):
@@ -110,7 +110,7 @@ def bench(
             medusa.backend, medusa.tokenizer, heads_tree, medusa.eos, medusa.window, tree_name=heads_name
         )
     meta = medusa.artifact.meta
-    rows = read_prompts(prompts, limit, per_category, keep=longer_than(medusa.encode, min_prompt_tokens))
+    rows = read_prompts(prompts, limit, per_category, keep=at_least_tokens(medusa.encode, min_prompt_tokens))
     # transformers in the artifact's dtype where the runtime runs on the GPU, fp32 on the CPU
     hf_dtype = meta["dtype"] if backend in GPU_BACKENDS else "fp32"
     base = reference_model(meta["model"]["name"], hf_dtype, backend) if hf else None

@@ -56,7 +56,7 @@ def read_prompts(
 ) -> list[dict]:
     """[{'id', 'category', 'prompt'}] from a JSONL file of `prompt` or `turns` rows: the first `limit`
     rows, or the first `per_category` rows of every category, of those whose prompt `keep` accepts (all
-    without it; see `longer_than`)."""
+    without it; see `at_least_tokens`)."""
     path = Path(path)
     if not path.is_file():
         raise MedusaError(f"prompts file {path} does not exist")
@@ -78,7 +78,7 @@ def read_prompts(
     return rows
 
 
-def longer_than(encode: Callable[[str], list[int]], min_tokens: int) -> Callable[[str], bool] | None:
+def at_least_tokens(encode: Callable[[str], list[int]], min_tokens: int) -> Callable[[str], bool] | None:
     """read_prompts' `keep` for prompts of at least `min_tokens` tokens (None for any prompt)."""
     if min_tokens <= 0:
         return None

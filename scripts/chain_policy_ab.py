@@ -45,12 +45,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from medusa_export.bench import TimedBackend
-    from medusa_export.prompts import longer_than, read_prompts
+    from medusa_export.prompts import at_least_tokens, read_prompts
     from medusa_runtime import adaptive
     from medusa_runtime.api import MedusaRuntime
 
     plain = MedusaRuntime.open(args.artifact, medusa=False, threads=args.threads)
-    keep = longer_than(plain.encode, args.min_prompt_tokens)
+    keep = at_least_tokens(plain.encode, args.min_prompt_tokens)
     rows = read_prompts(Path(args.prompts), per_category=args.skip + args.per_category, keep=keep)
     seen: dict[str, int] = defaultdict(int)
     picked = []
