@@ -87,7 +87,7 @@ def bench(
     from medusa_runtime.lookup import parse_lookup
     from medusa_runtime.tree import build_tree
 
-    from .prompts import at_least_tokens, read_prompts
+    from .prompts import read_prompts
     from .reference import GPU_BACKENDS, hf_greedy, reference_model
 
     def timed_runtime(path: Path):
@@ -110,7 +110,7 @@ def bench(
             medusa.backend, medusa.tokenizer, heads_tree, medusa.eos, medusa.window, tree_name=heads_name
         )
     meta = medusa.artifact.meta
-    rows = read_prompts(prompts, limit, per_category, keep=at_least_tokens(medusa.encode, min_prompt_tokens))
+    rows = read_prompts(prompts, limit, per_category, min_tokens=min_prompt_tokens, encode=medusa.encode)
     # transformers in the artifact's dtype where the runtime runs on the GPU, fp32 on the CPU
     hf_dtype = meta["dtype"] if backend in GPU_BACKENDS else "fp32"
     base = reference_model(meta["model"]["name"], hf_dtype, backend) if hf else None
@@ -118,13 +118,13 @@ def bench(
     runtimes = {"medusa": medusa, "plain": plain, "heads": heads, "compare": other}
 
     def run(method: str, ids: list[int]) -> tuple[list[int], dict]:
-        """tokens, and the sample: seconds, first token's seconds (None for transformers), device seconds,
-        mean accepted, accepted tokens per verify step by source"""
+        """tokens, and the sample: seconds, device seconds, mean accepted; for our runtimes also the first
+        token's seconds, the tokens/s after it and accepted tokens per verify step by source"""
         start = time.perf_counter()
         if method == "hf":
             tokens = hf_greedy(base, ids, max_new_tokens, scores=False).tokens
             seconds = time.perf_counter() - start
-            return tokens, {"seconds": seconds, "first_s": None, "device_s": 0.0, "accepted": 1.0}
+            return tokens, {"seconds": seconds, "device_s": 0.0, "accepted": 1.0}
         runtime = runtimes[method]
         runtime.backend.device_s = 0.0
         res = runtime.generate(ids, max_new_tokens)
@@ -133,6 +133,7 @@ def bench(
         return res.token_ids, {
             "seconds": seconds,
             "first_s": res.first_token_s,
+            "decode_tok_s": res.decode_tokens_per_s,
             "device_s": runtime.backend.device_s,
             "accepted": res.mean_accepted or 1.0,
             "by_source": {s: counts[s] / verify_steps for s in SOURCES},
@@ -224,11 +225,7 @@ def bench(
 
 def _first_token(samples: list[dict]) -> dict:
     """The time to the first token (the prompt's prefill, in seconds) and the tokens/s after it."""
-    after = [
-        (x["tokens"] - 1) / (x["seconds"] - x["first_s"])
-        for x in samples
-        if x["tokens"] > 1 and x["seconds"] > x["first_s"]
-    ]
+    after = [x["decode_tok_s"] for x in samples if x["decode_tok_s"]]
     return {"first_token_s": _stats([x["first_s"] for x in samples])} | (
         {"decode_tok_s": _stats(after)} if after else {}
     )

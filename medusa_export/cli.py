@@ -161,6 +161,7 @@ def generate(
     import time
 
     from medusa_runtime.acceptance import Greedy, Typical
+    from medusa_runtime.api import decode_tokens_per_s
 
     prompt = _text_arg("--prompt", prompt)
     stop = [_text_arg("--stop", s) for s in stop or ()]
@@ -203,9 +204,8 @@ def generate(
         sys.stdout.flush()
     seconds = time.perf_counter() - start
     first = pieces.first_token_s or seconds
-    after = (
-        f", then {(pieces.num_tokens - 1) / (seconds - first):.1f} tokens/s" if pieces.num_tokens > 1 else ""
-    )
+    after = decode_tokens_per_s(pieces.num_tokens, seconds, first)
+    after = f", then {after:.1f} tokens/s" if after else ""
     typer.echo(
         f"\n[{backend}, tree {runtime.tree_name}] {pieces.num_tokens} tokens in {seconds:.2f}s: "
         f"{pieces.num_tokens / seconds:.1f} tokens/s (first token {first:.2f}s{after}), "

@@ -52,11 +52,12 @@ def read_prompts(
     path: Path,
     limit: int | None = None,
     per_category: int | None = None,
-    keep: Callable[[str], bool] | None = None,
+    min_tokens: int = 0,
+    encode: Callable[[str], list[int]] | None = None,
 ) -> list[dict]:
     """[{'id', 'category', 'prompt'}] from a JSONL file of `prompt` or `turns` rows: the first `limit`
-    rows, or the first `per_category` rows of every category, of those whose prompt `keep` accepts (all
-    without it; see `at_least_tokens`)."""
+    rows, or the first `per_category` rows of every category, of those at least `min_tokens` long by
+    `encode` (a tokenizer's; needed only with min_tokens)."""
     path = Path(path)
     if not path.is_file():
         raise MedusaError(f"prompts file {path} does not exist")
@@ -65,7 +66,7 @@ def read_prompts(
         prompt = row_prompt(row)
         if prompt is None:
             raise MedusaError(f"{path}: row {n} has neither a 'prompt' string nor a non-empty 'turns' list")
-        if keep is not None and not keep(prompt):
+        if min_tokens > 0 and len(encode(prompt)) < min_tokens:
             continue
         category = row.get("category", "all")
         if per_category and sum(r["category"] == category for r in rows) >= per_category:
@@ -74,17 +75,6 @@ def read_prompts(
         if limit and len(rows) >= limit:
             break
     if not rows:
-        raise MedusaError(f"{path} holds no prompts" + (f" {keep.__doc__}" if keep and keep.__doc__ else ""))
+        longer = f" of {min_tokens} tokens or more" if min_tokens > 0 else ""
+        raise MedusaError(f"{path} holds no prompts{longer}")
     return rows
-
-
-def at_least_tokens(encode: Callable[[str], list[int]], min_tokens: int) -> Callable[[str], bool] | None:
-    """read_prompts' `keep` for prompts of at least `min_tokens` tokens (None for any prompt)."""
-    if min_tokens <= 0:
-        return None
-
-    def keep(prompt: str) -> bool:
-        return len(encode(prompt)) >= min_tokens
-
-    keep.__doc__ = f"of {min_tokens} tokens or more"
-    return keep

@@ -45,13 +45,17 @@ def main() -> None:
     args = ap.parse_args()
 
     from medusa_export.bench import TimedBackend
-    from medusa_export.prompts import at_least_tokens, read_prompts
+    from medusa_export.prompts import read_prompts
     from medusa_runtime import adaptive
     from medusa_runtime.api import MedusaRuntime
 
     plain = MedusaRuntime.open(args.artifact, medusa=False, threads=args.threads)
-    keep = at_least_tokens(plain.encode, args.min_prompt_tokens)
-    rows = read_prompts(Path(args.prompts), per_category=args.skip + args.per_category, keep=keep)
+    rows = read_prompts(
+        Path(args.prompts),
+        per_category=args.skip + args.per_category,
+        min_tokens=args.min_prompt_tokens,
+        encode=plain.encode,
+    )
     seen: dict[str, int] = defaultdict(int)
     picked = []
     for row in rows:

@@ -39,15 +39,16 @@ def main() -> None:
     ap.add_argument("--min-prompt-tokens", type=int, default=0, help="only prompts at least this long")
     args = ap.parse_args()
 
-    from medusa_export.prompts import at_least_tokens, read_prompts
+    from medusa_export.prompts import read_prompts
     from medusa_runtime.api import MedusaRuntime
 
     prefix = str(Path(tempfile.mkdtemp()) / "ort")
     runtime = MedusaRuntime.open(
         args.artifact, backend=args.backend, tree=args.tree, medusa=not args.plain, profile=prefix
     )
-    keep = at_least_tokens(runtime.encode, args.min_prompt_tokens)
-    rows = read_prompts(Path(args.prompts), args.limit, keep=keep)
+    rows = read_prompts(
+        Path(args.prompts), args.limit, min_tokens=args.min_prompt_tokens, encode=runtime.encode
+    )
     # warm-up: profiled too, dropped below (one graph run per decode step, the prefill included)
     warm_runs = len(runtime.generate(runtime.encode(rows[0]["prompt"])[:32], 8).steps)
     steps, wall = 0, 0.0

@@ -90,6 +90,13 @@ class TextStream:
         return self._stats.get("first_token_s")
 
 
+def decode_tokens_per_s(tokens: int, seconds: float, first_token_s: float) -> float:
+    """Tokens after the first over the time after it: the decode loop's speed, without the prefill (0 when
+    there is none)."""
+    after = seconds - first_token_s
+    return (tokens - 1) / after if after > 0 and tokens > 1 else 0.0
+
+
 @dataclass
 class Result:
     text: str
@@ -106,9 +113,7 @@ class Result:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens after the first over the time after it: the decode loop's speed, without the prefill."""
-        after = self.seconds - self.first_token_s
-        return (len(self.token_ids) - 1) / after if after > 0 and len(self.token_ids) > 1 else 0.0
+        return decode_tokens_per_s(len(self.token_ids), self.seconds, self.first_token_s)
 
     @property
     def mean_accepted(self) -> float:
@@ -294,7 +299,8 @@ class MedusaRuntime:
         text = IncrementalText(self.tokenizer, stop)
         start = time.perf_counter()
         for step in steps:
-            stats.setdefault("first_token_s", time.perf_counter() - start)
+            if "first_token_s" not in stats:
+                stats["first_token_s"] = time.perf_counter() - start
             stats["tokens"], stats["steps"] = stats["tokens"] + len(step.tokens), stats["steps"] + 1
             piece, stopped = text.add(step.tokens)
             if piece:
