@@ -280,11 +280,9 @@ def report_lines(result: dict) -> list[str]:
             if "device_fraction" in m
             else ""
         )
-        first = (
-            f"; first token {m['first_token_s']['median'] * 1000:.0f} ms, then {m['decode_tok_s']['median']:.1f} tok/s"
-            if "decode_tok_s" in m
-            else ""
-        )
+        first = f"; first token {m['first_token_s']['median'] * 1000:.0f} ms" if "first_token_s" in m else ""
+        if "decode_tok_s" in m:
+            first += f", then {m['decode_tok_s']['median']:.1f} tok/s"
         lines.append(
             f"  {name:7s} median {t['median']:.1f} tok/s (p25 {t['p25']:.1f}, p75 {t['p75']:.1f}){first}{split}"
         )
